@@ -1,0 +1,145 @@
+"""One interface for every classifier: logits, pooled hierarchical features, feature maps.
+
+Inputs are images in [0, 1]; ImageNet normalisation is the first module inside the model, so
+attacks and budgets live in pixel space (PROTOCOL section 2). The hierarchical features are
+read with torchvision's feature-extraction utility (graph-node names are unique, whereas a
+forward hook on ResNet's shared ReLU module would fire three times per block).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+import resnet
+import vgg
+from utils import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ARCHS = tuple(resnet.RESNETS) + tuple(vgg.VGGS)
+
+
+class Normalize(nn.Module):
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class _Backbone(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.normalize = Normalize()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+
+def _no_inplace_relu(module: nn.Module) -> None:
+    # Returned feature tensors must not be overwritten by a later in-place op.
+    for child in module.modules():
+        if isinstance(child, nn.ReLU):
+            child.inplace = False
+
+
+class HierarchicalNet(nn.Module):
+    """A classifier with its hierarchical feature taps.
+
+    Attributes: ``arch``, ``num_classes``, ``layer_names`` (one per feature, forward order),
+    ``layer_channels``, ``conv_layers`` (indices of the features that come from a conv map),
+    ``head_input_index`` (the feature that feeds the stochastic head, for BU).
+    """
+
+    def __init__(self, arch: str, num_classes: int):
+        super().__init__()
+        if arch not in ARCHS:
+            raise UserError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
+        self.arch = arch
+        self.num_classes = num_classes
+        family = resnet if arch in resnet.RESNETS else vgg
+        self._family = family
+        net = resnet.build_resnet(arch, num_classes) if family is resnet else vgg.build_vgg(arch, num_classes)
+        _no_inplace_relu(net)
+        self.backbone = _Backbone(net)
+        train_nodes, eval_nodes = get_graph_node_names(self.backbone)
+        nodes = ["net." + n for n in
+                 (resnet.feature_nodes([n[4:] for n in eval_nodes if n.startswith("net.")])
+                  if family is resnet else vgg.feature_nodes(net))]
+        output_node = eval_nodes[-1]
+        self._nodes = nodes
+        self._output_node = output_node
+        self.layer_names = [n[4:] for n in nodes]
+        # The extractor shares every module (and so every parameter) with ``backbone``; it is
+        # kept out of the module tree so that the state dict holds each weight once.
+        extractor = create_feature_extractor(
+            self.backbone, return_nodes={**{n: n for n in nodes}, output_node: "logits"},
+            tracer_kwargs={"leaf_modules": [Normalize]})
+        object.__setattr__(self, "_extractor", extractor)
+        self.layer_channels, self.conv_layers = self._probe_shapes()
+        self.head_input_index = len(self.layer_names) - (1 if family is resnet else 2)
+        self._head = nn.Sequential(*family.head_modules(net))
+
+    @torch.no_grad()
+    def _probe_shapes(self) -> tuple[list[int], list[int]]:
+        was_training = self.training
+        self.eval()
+        _, maps = self.forward_maps(torch.zeros(1, 3, 64, 64))
+        self.train(was_training)
+        return [m.shape[1] for m in maps], [i for i, m in enumerate(maps) if m.dim() == 4]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits and the un-pooled outputs of every tap (N×C×h×w, or N×C for FC layers)."""
+        out = self._extractor(x)
+        return out["logits"], [out[n] for n in self._nodes]
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits and the pooled hierarchical features (a spatial mean per channel: N×C each)."""
+        logits, maps = self.forward_maps(x)
+        return logits, [pooled(m) for m in maps]
+
+    def stochastic_head(self, feature: torch.Tensor) -> torch.Tensor:
+        """Logits from the feature at ``head_input_index`` with every dropout on (for BU)."""
+        out = feature
+        for module in self._head:
+            out = F.dropout(out, module.p, training=True) if isinstance(module, nn.Dropout) else module(out)
+        return out
+
+    def load_imagenet(self, source: str) -> list[str]:
+        """Load ImageNet weights (a local state-dict file, or 'imagenet' to download)."""
+        if source == "imagenet":
+            import torchvision
+            ctor = {**resnet.RESNETS, **vgg.VGGS}[self.arch]
+            weights = torchvision.models.get_model_weights(ctor).DEFAULT
+            state = weights.get_state_dict(progress=True)
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise UserError(f"--pretrained: no weights file at {path} (a torchvision state dict, or 'imagenet')")
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input
+                raise UserError(f"--pretrained: cannot read {path}: {err}") from None
+        return self._family.load_imagenet_state(self.backbone.net, state)
+
+
+def pooled(feature_map: torch.Tensor) -> torch.Tensor:
+    """Global average pooling of a conv map (N×C×h×w -> N×C); FC features pass unchanged."""
+    return feature_map.mean(dim=(2, 3)) if feature_map.dim() == 4 else feature_map
+
+
+def build_model(arch: str, num_classes: int, pretrained: str | None = None) -> HierarchicalNet:
+    model = HierarchicalNet(arch, num_classes)
+    if pretrained:
+        model.load_imagenet(pretrained)
+    return model
