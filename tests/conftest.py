@@ -1,0 +1,31 @@
+"""Shared fixtures: a tiny trained synthetic run that the later stages' tests build on."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# Two CPU cores: keep BLAS/torch from oversubscribing them.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A ResNet-18 trained briefly on 32 px synthetic images; returns runs_synthetic/resnet18."""
+    import train
+
+    base = tmp_path_factory.mktemp("tiny")
+    cwd = os.getcwd()
+    os.chdir(base)
+    try:
+        train.main(["-a", "resnet18", "--dataset", "synthetic", "--image-size", "32",
+                    "--synthetic-train", "120", "--synthetic-test", "60", "--epochs", "2",
+                    "-b", "32", "--seed", "0"])
+    finally:
+        os.chdir(cwd)
+    return base / "runs_synthetic" / "resnet18"

@@ -1,0 +1,318 @@
+"""The L∞ attack engine: names, budget/range, determinism, success, extra terms, torchattacks parity."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import attacks
+from attacks import AttackSpec, parse_attack, run_attack
+from utils import UserError
+
+ALL_METHODS = ("FGSM", "I_FGSM", "PGD", "MI_FGSM", "DI_FGSM", "TI_FGSM", "CW", "Noise")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class TinyNet(nn.Module):
+    """A small conv net with the engine's interface: ``forward`` and ``forward_features``."""
+
+    def __init__(self, num_classes: int = 3, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+        self.calls = {"forward": 0, "forward_features": 0}
+        self.modes_seen: list[bool] = []
+
+    def _run(self, x):
+        self.modes_seen.append(self.training)
+        h1 = F.relu(self.conv1(x))
+        h2 = F.relu(self.conv2(h1))
+        pooled = [h1.mean(dim=(2, 3)), h2.mean(dim=(2, 3))]
+        return self.fc(pooled[-1]), pooled
+
+    def forward(self, x):
+        self.calls["forward"] += 1
+        return self._run(x)[0]
+
+    def forward_features(self, x):
+        self.calls["forward_features"] += 1
+        return self._run(x)
+
+
+def _batch(n=8, size=16, seed=0, num_classes=3):
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, size, size, generator=gen)
+    images[0, :, :4] = 0.0  # saturated pixels exercise the [0, 1] clip
+    images[1, :, :4] = 1.0
+    return images, torch.randint(0, num_classes, (n,), generator=gen)
+
+
+# --------------------------------------------------------------------------- names
+@pytest.mark.parametrize("name, method, eps_256, canonical", [
+    ("I_FGSM_Linf_1", "I_FGSM", 1.0, "I_FGSM_Linf_1"),
+    ("BIM_Linf_0.5", "I_FGSM", 0.5, "I_FGSM_Linf_0.5"),
+    ("pgd_linf_4", "PGD", 4.0, "PGD_Linf_4"),
+    ("MI_FGSM_Linf_0.25", "MI_FGSM", 0.25, "MI_FGSM_Linf_0.25"),
+    ("DI_FGSM_Linf_2", "DI_FGSM", 2.0, "DI_FGSM_Linf_2"),
+    ("TI_FGSM_Linf_8", "TI_FGSM", 8.0, "TI_FGSM_Linf_8"),
+    ("CW_Linf_1.50", "CW", 1.5, "CW_Linf_1.5"),
+    ("FGSM_Linf_16", "FGSM", 16.0, "FGSM_Linf_16"),
+    ("Noise_Linf_2", "Noise", 2.0, "Noise_Linf_2"),
+])
+def test_parse_attack_names(name, method, eps_256, canonical):
+    spec = parse_attack(name)
+    assert (spec.method, spec.eps_256, spec.name) == (method, eps_256, canonical)
+    assert spec.eps == pytest.approx(eps_256 / 256)
+    assert parse_attack(spec.name) == spec
+    with pytest.raises(Exception):
+        spec.eps_256 = 3.0  # frozen
+
+
+@pytest.mark.parametrize("name", ["", "I_FGSM", "I_FGSM_Linf_", "I_FGSM_Linf_0", "I_FGSM_Linf_-1",
+                                  "I_FGSM_Linf_abc", "I_FGSM_Linf_nan", "I_FGSM_Linf_inf",
+                                  "FOO_Linf_1", "I_FGSM_L2_1", "Noise_Linf_0"])
+def test_parse_attack_rejects_with_one_line_listing_forms(name):
+    with pytest.raises(UserError) as err:
+        parse_attack(name)
+    message = str(err.value)
+    assert "\n" not in message
+    for form in ("FGSM", "I_FGSM (alias BIM)", "PGD", "MI_FGSM", "DI_FGSM", "TI_FGSM", "CW",
+                 "Noise_Linf_<k>", "<ATTACK>_Linf_<k>"):
+        assert form in message
+
+
+def test_schedule_defaults_and_overrides():
+    spec = parse_attack("I_FGSM_Linf_1")
+    settings = attacks.resolve_settings(spec)
+    assert settings["steps"] == 10 and settings["alpha"] == pytest.approx(spec.eps / 5)
+    fgsm = attacks.resolve_settings(parse_attack("FGSM_Linf_2"))
+    assert fgsm["steps"] == 1 and fgsm["alpha"] == pytest.approx(2 / 256)
+    assert attacks.resolve_settings(spec, steps=3, step_size=0.01)["steps"] == 3
+    assert attacks.resolve_settings(parse_attack("MI_FGSM_Linf_1"))["decay"] == attacks.MI_DECAY
+    assert attacks.resolve_settings(parse_attack("MI_FGSM_Linf_1"), options={"decay": 0.5})["decay"] == 0.5
+    assert attacks.resolve_settings(parse_attack("PGD_Linf_1"))["random_start"] is True
+    assert attacks.resolve_settings(parse_attack("DI_FGSM_Linf_1"))["di_prob"] == 0.5
+    assert attacks.resolve_settings(parse_attack("TI_FGSM_Linf_1"))["ti_kernel"] == 7
+    assert attacks.resolve_settings(parse_attack("CW_Linf_1"))["loss"] == "cw"
+    with pytest.raises(TypeError):
+        attacks.resolve_settings(spec, options={"momentum": 1.0})
+    for bad in ({"ti_kernel": 4}, {"di_prob": 1.5}, {"kappa": -1.0}):
+        with pytest.raises(ValueError):
+            attacks.resolve_settings(spec, options=bad)
+
+
+def test_gaussian_kernel():
+    kernel = attacks.gaussian_kernel(7)
+    assert kernel.shape == (7, 7) and float(kernel.sum()) == pytest.approx(1.0, abs=1e-6)
+    assert torch.equal(kernel, kernel.T) and kernel.argmax() == 24  # symmetric, peak in the centre
+
+
+# --------------------------------------------------------------------------- properties
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_budget_and_range_hold(method):
+    for seed, eps_256 in enumerate((0.5, 2.0, 8.0, 64.0)):
+        model = TinyNet(seed=seed)
+        images, targets = _batch(seed=seed)
+        spec = AttackSpec(method, eps_256)
+        adv, success = run_attack(model, images, targets, spec, seed=seed, batch_size=5, progress=False)
+        assert adv.dtype == torch.float32 and adv.device.type == "cpu" and adv.shape == images.shape
+        assert success.dtype == torch.bool and success.shape == (len(images),)
+        assert float((adv - images).abs().max()) <= spec.eps + 1e-6
+        assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
+        assert not torch.equal(adv, images), "the attack must move the images"
+
+
+def test_fgsm_with_zero_budget_returns_the_input():
+    images, targets = _batch()
+    adv, _ = run_attack(TinyNet(), images, targets, AttackSpec("FGSM", 0.0), progress=False)
+    assert torch.equal(adv, images)
+
+
+def test_fgsm_is_one_full_step():
+    images, targets = _batch()
+    images = images.clamp(0.1, 0.9)  # away from the clip
+    spec = AttackSpec("FGSM", 8.0)
+    adv, _ = run_attack(TinyNet(), images, targets, spec, progress=False)
+    moved = (adv - images).abs()
+    assert torch.allclose(moved[moved > 0], torch.full_like(moved[moved > 0], spec.eps), atol=1e-6)
+
+
+def test_noise_set_is_real_uniform_noise():
+    images = torch.full((4, 3, 32, 32), 0.5)
+    spec = AttackSpec("Noise", 16.0)
+    adv, _ = run_attack(TinyNet(), images, torch.zeros(4, dtype=torch.long), spec, progress=False)
+    noise = adv - images
+    assert float(noise.abs().max()) <= spec.eps + 1e-6
+    assert float(noise.abs().mean()) == pytest.approx(spec.eps / 2, rel=0.05)  # E|U(-ε, ε)| = ε/2
+    assert abs(float(noise.mean())) < spec.eps * 0.05
+
+
+@pytest.mark.parametrize("method", ["PGD", "DI_FGSM", "Noise", "MI_FGSM"])
+def test_same_seed_same_bytes_other_seed_differs(method):
+    images, targets = _batch()
+    spec = AttackSpec(method, 8.0)
+    first, s1 = run_attack(TinyNet(), images, targets, spec, seed=3, batch_size=3, progress=False)
+    second, s2 = run_attack(TinyNet(), images, targets, spec, seed=3, batch_size=3, progress=False)
+    assert torch.equal(first, second) and torch.equal(s1, s2)
+    if method in ("PGD", "Noise"):
+        other, _ = run_attack(TinyNet(), images, targets, spec, seed=4, batch_size=3, progress=False)
+        assert not torch.equal(first, other)
+
+
+def test_model_state_is_eval_during_attack_and_restored_after():
+    model = TinyNet().train()
+    model.conv2.eval()  # mixed modes must come back exactly
+    model.fc.weight.requires_grad_(False)
+    images, targets = _batch()
+    run_attack(model, images, targets, AttackSpec("I_FGSM", 4.0), progress=False)
+    assert model.modes_seen and not any(model.modes_seen)
+    assert model.training and model.conv1.training and not model.conv2.training
+    assert [p.requires_grad for p in model.parameters()] == [True, True, True, True, False, True]
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_success_flags_match_predictions_on_a_trained_model():
+    # A small model trained to tell the dominant colour channel; targeted attacks flip it.
+    torch.manual_seed(0)
+    model = TinyNet(seed=1)
+    colour = torch.randint(0, 3, (256,))
+    images = torch.rand(256, 3, 16, 16) * 0.5
+    images[torch.arange(256), colour] += 0.4
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(150):
+        optimiser.zero_grad()
+        F.cross_entropy(model(images), colour).backward()
+        optimiser.step()
+    model.eval()
+    with torch.no_grad():
+        assert (model(images).argmax(1) == colour).float().mean() > 0.95
+    clean, labels = images[:24], colour[:24]
+    targets = (labels + 1) % 3
+    for method in ("I_FGSM", "PGD", "MI_FGSM", "CW"):
+        adv, success = run_attack(model, clean, targets, AttackSpec(method, 64.0), seed=0, progress=False)
+        with torch.no_grad():
+            predicted = model(adv).argmax(1)
+        assert torch.equal(success, predicted == targets)
+        assert success.float().mean() >= 0.9, method
+    weak, weak_success = run_attack(model, clean, targets, AttackSpec("I_FGSM", 0.25), progress=False)
+    assert weak_success.float().mean() < success.float().mean()
+
+
+def test_extra_term_gets_features_only_when_given():
+    model = TinyNet()
+    images, targets = _batch()
+    spec = AttackSpec("I_FGSM", 8.0)
+    plain, _ = run_attack(model, images, targets, spec, progress=False)
+    assert model.calls["forward_features"] == 0
+    seen = {}
+
+    def extra(logits, features, extra_targets):
+        seen.update(logits=logits.shape, shapes=[f.shape for f in features], targets=extra_targets.clone())
+        return features[0].pow(2).mean()
+
+    zero_weight, _ = run_attack(model, images, targets, spec, extra=extra, lam=0.0, batch_size=8, progress=False)
+    assert model.calls["forward_features"] == 10
+    assert seen["shapes"] == [(8, 8), (8, 8)] and seen["logits"] == (8, 3)
+    assert torch.equal(seen["targets"], targets)
+    assert torch.equal(zero_weight, plain)  # λ = 0: same gradient, same AEs
+    weighted, _ = run_attack(model, images, targets, spec, extra=extra, lam=100.0, progress=False)
+    assert not torch.equal(weighted, plain)
+    assert float((weighted - images).abs().max()) <= spec.eps + 1e-6
+
+
+def test_cw_margin_loss():
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 3.0, 1.0]])
+    targets = torch.tensor([1, 1])
+    # sample 0: max other 2.0 - 0.5 = 1.5; sample 1: max(1.0 - 3.0, -κ)
+    assert float(attacks.classification_loss(logits, targets, "cw", kappa=0.0)) == pytest.approx((1.5 + 0.0) / 2)
+    assert float(attacks.classification_loss(logits, targets, "cw", kappa=5.0)) == pytest.approx((1.5 - 2.0) / 2)
+
+
+def test_bad_inputs_are_refused():
+    images, targets = _batch()
+    with pytest.raises(ValueError):
+        run_attack(TinyNet(), images * 2, targets, AttackSpec("I_FGSM", 1.0), progress=False)
+    with pytest.raises(ValueError):
+        run_attack(TinyNet(), images, targets[:3], AttackSpec("I_FGSM", 1.0), progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_budget_and_cpu_noise():
+    images, targets = _batch()
+    for method in ALL_METHODS:
+        spec = AttackSpec(method, 4.0)
+        adv, _ = run_attack(TinyNet().cuda(), images, targets, spec, seed=1, progress=False)
+        assert adv.device.type == "cpu" and float((adv - images).abs().max()) <= spec.eps + 1e-6
+    spec = AttackSpec("Noise", 4.0)
+    on_cpu, _ = run_attack(TinyNet(), images, targets, spec, seed=1, progress=False)
+    on_gpu, _ = run_attack(TinyNet().cuda(), images, targets, spec, seed=1, progress=False)
+    assert torch.allclose(on_cpu, on_gpu, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- parity
+# torchattacks ascends the negated CE in targeted mode and draws from the global RNG; seeding
+# that RNG with our seed gives the same random start and the same DI draws. Our projection is
+# one clamp to [max(x0-ε, 0), min(x0+ε, 1)]; torchattacks' PGD-style (x0 + clamp(x - x0)) can
+# round differently by one ulp, hence the tolerance.
+def _torchattacks_cases(model, eps):
+    ta = pytest.importorskip("torchattacks")
+    alpha = eps / 5
+    return [
+        ("FGSM", {}, ta.FGSM(model, eps=eps)),
+        ("I_FGSM", {}, ta.BIM(model, eps=eps, alpha=alpha, steps=10)),
+        ("PGD", {}, ta.PGD(model, eps=eps, alpha=alpha, steps=10, random_start=True)),
+        ("MI_FGSM", {}, ta.MIFGSM(model, eps=eps, alpha=alpha, steps=10, decay=1.0)),
+        ("MI_FGSM", {"decay": 0.5}, ta.MIFGSM(model, eps=eps, alpha=alpha, steps=10, decay=0.5)),
+        ("DI_FGSM", {}, ta.DIFGSM(model, eps=eps, alpha=alpha, steps=10)),
+        ("TI_FGSM", {}, ta.TIFGSM(model, eps=eps, alpha=alpha, steps=10, decay=0.0, len_kernel=7, nsig=3,
+                                  diversity_prob=0.0)),
+        ("MI_FGSM", {"di_prob": 0.5, "ti_kernel": 7, "random_start": True},
+         ta.TIFGSM(model, eps=eps, alpha=alpha, steps=10, decay=1.0, len_kernel=7, nsig=3,
+                   diversity_prob=0.5, random_start=True)),
+    ]
+
+
+def test_parity_with_torchattacks():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+    torch.manual_seed(0)
+    for layer in model:
+        if hasattr(layer, "reset_parameters"):
+            layer.reset_parameters()
+    images, targets = _batch(n=12, size=32, seed=2)
+    eps = 8 / 256
+    for method, options, reference in _torchattacks_cases(model, eps):
+        reference.set_mode_targeted_by_label(quiet=True)
+        torch.manual_seed(5)
+        theirs = reference(images, targets)
+        ours, _ = run_attack(model, images, targets, AttackSpec(method, 8.0), seed=5, progress=False, **options)
+        assert not torch.equal(ours, images)
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0, msg=f"{method} {options} vs {reference}")
+
+
+def test_extra_on_a_hierarchical_net():
+    import network
+    torch.manual_seed(0)
+    model = network.build_model("resnet18", 2)
+    images, targets = _batch(n=2, size=32, num_classes=2)
+    counts = []
+
+    def extra(logits, features, extra_targets):
+        counts.append(len(features))
+        return sum(f.mean() for f in features)
+
+    spec = AttackSpec("PGD", 4.0)
+    adv, _ = run_attack(model, images, targets, spec, extra=extra, steps=2, progress=False)
+    assert counts == [len(model.layer_names)] * 2
+    assert float((adv - images).abs().max()) <= spec.eps + 1e-6
+    assert all(p.requires_grad for p in model.parameters()) and model.training
