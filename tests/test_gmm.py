@@ -1,0 +1,262 @@
+"""gmm.py and get_GMM.py: mixtures against scikit-learn, save/load, the HFC term and its gradient."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.mixture import BayesianGaussianMixture, GaussianMixture
+
+import datasets
+import features
+import get_GMM
+import gmm
+import network
+import saver
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _features(rng, n, channels, shift=0.0):
+    """Non-negative, correlated, pooled-ReLU-like features (n × C per layer)."""
+    out = []
+    for C in channels:
+        mix = rng.normal(size=(4, C))
+        out.append(np.maximum(rng.normal(size=(n, 4)) @ mix + rng.normal(scale=0.5, size=(n, C)) + 1 + shift, 0))
+    return out
+
+
+def _numpy_term(mixtures, layers, feats, targets):
+    """The HFC term and the chosen components, one sample and one component at a time."""
+    total = np.zeros(len(targets))
+    chosen = np.zeros((len(targets), len(layers)), dtype=np.int64)
+    for j, layer in enumerate(layers):
+        for i, t in enumerate(targets):
+            p = mixtures[(layer, int(t))]
+            f = feats[layer][i]
+            scores = [p.log_prior[k] + np.log(np.diag(p.prec_chol[k])).sum()
+                      - 0.5 * np.sum(((f - p.means[k]) @ p.prec_chol[k]) ** 2) for k in range(p.n_components)]
+            k = int(np.argmax(scores))
+            chosen[i, j] = k
+            total[i] += np.sum(((f - p.means[k]) @ p.prec_chol[k]) ** 2) / len(f)
+    return total.mean(), chosen
+
+
+@pytest.mark.parametrize("make", [
+    lambda: GaussianMixture(4, covariance_type="full", random_state=0),
+    lambda: BayesianGaussianMixture(n_components=4, covariance_type="full", random_state=0),
+    lambda: BayesianGaussianMixture(n_components=4, covariance_type="full", random_state=1,
+                                    weight_concentration_prior_type="dirichlet_distribution"),
+], ids=["em", "bayesian-dp", "bayesian-dirichlet"])
+def test_component_scores_match_sklearn(make):
+    rng = np.random.default_rng(0)
+    X = _features(rng, 150, [12])[0]
+    model = make().fit(X)
+    params = gmm.params_from_sklearn(model, X)
+    probe = _features(rng, 40, [12], shift=0.5)[0]
+    np.testing.assert_allclose(params.component_log_prob(probe), model._estimate_weighted_log_prob(probe),
+                               rtol=1e-10, atol=1e-8)
+    np.testing.assert_allclose(params.log_likelihood(probe), model.score_samples(probe), rtol=1e-10, atol=1e-8)
+    assert params.avg_log_likelihood == pytest.approx(model.score(X), rel=1e-10)
+    assert not np.any(np.tril(params.prec_chol, -1)), "sklearn's precision Cholesky factors are upper triangular"
+
+
+@pytest.mark.parametrize("kind", gmm.KINDS)
+def test_fit_save_load_matches_sklearn(tmp_path, kind):
+    rng = np.random.default_rng(1)
+    channels = [6, 10, 40]
+    labels = np.repeat([0, 1], [60, 45])
+    pooled = _features(rng, len(labels), channels)
+    layers = gmm.select_layers(channels, conv_layers=[0, 1, 2], max_channels=16)
+    assert layers == [0, 1]
+    mixtures = gmm.fit_mixtures(pooled, labels, layers, 3, kind=kind, seed=5, n_jobs=2, progress=False,
+                                layer_names=["a", "b", "c"], layer_channels=channels)
+    mixtures.save(tmp_path / "m", extra={"dataset": "test"})
+    loaded = gmm.load_mixtures(tmp_path / "m")
+    assert loaded.layers == layers and loaded.classes == [0, 1] and loaded.kind == kind
+    probe = _features(rng, 30, channels, shift=0.3)
+    for layer in layers:
+        for cls in (0, 1):
+            fitted = mixtures[(layer, cls)]
+            np.testing.assert_array_equal(loaded.log_likelihood(layer, cls, probe[layer]),
+                                          mixtures.log_likelihood(layer, cls, probe[layer]))
+            np.testing.assert_array_equal(loaded.component_log_prob(layer, cls, probe[layer]),
+                                          fitted.component_log_prob(probe[layer]))
+            # The same seed and (recorded) regulariser refit the very same scikit-learn model.
+            X = pooled[layer][labels == cls]
+            model = gmm._make_estimator(kind, fitted.n_components, fitted.reg_covar, gmm.DEFAULT_MAX_ITER,
+                                        gmm._fit_seed(5, layer, cls)).fit(X)
+            np.testing.assert_allclose(loaded.log_likelihood(layer, cls, probe[layer]), model.score_samples(probe[layer]),
+                                       rtol=1e-9, atol=1e-7)
+            np.testing.assert_allclose(loaded.component_log_prob(layer, cls, probe[layer]),
+                                       model._estimate_weighted_log_prob(probe[layer]), rtol=1e-9, atol=1e-7)
+    summary = (tmp_path / "m" / "summary.json").read_text()
+    assert '"dataset": "test"' in summary and '"layer_names"' in summary and '"converged"' in summary
+    # Same seed -> same mixtures, independent of the parallel schedule.
+    again = gmm.fit_mixtures(pooled, labels, layers, 3, kind=kind, seed=5, n_jobs=1, progress=False)
+    np.testing.assert_array_equal(again[(1, 1)].means, mixtures[(1, 1)].means)
+
+
+def test_clamping_and_non_convergence_are_reported():
+    rng = np.random.default_rng(2)
+    labels = np.repeat([0, 1], [40, 9])
+    pooled = _features(rng, len(labels), [5])
+    mixtures = gmm.fit_mixtures(pooled, labels, [0], 6, kind="em", max_iter=1, n_jobs=1, progress=False)
+    assert mixtures[(0, 0)].n_components == 6 and mixtures[(0, 1)].n_components == 9 // 4
+    summary = mixtures.summary()
+    assert summary["n_clamped"] == 1
+    assert summary["n_not_converged"] == len(summary["not_converged"]) >= 1  # one iteration: not converged
+    assert {"layer": 0, "class": 0} in summary["not_converged"]
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """Mixtures of two layers and three classes (one with fewer components: padding)."""
+    rng = np.random.default_rng(3)
+    channels = [7, 9]
+    labels = np.repeat([0, 1, 2], [48, 48, 12])
+    pooled = _features(rng, len(labels), channels)
+    mixtures = gmm.fit_mixtures(pooled, labels, [0, 1], 4, kind="bayesian", seed=1, n_jobs=1, progress=False)
+    assert mixtures[(0, 2)].n_components == 3
+    return mixtures, channels
+
+
+@pytest.mark.parametrize("panel_width,backward", [(None, "loop"), (3, "gather"), (4, "loop"), (100, "gather")])
+def test_hfc_term_matches_numpy(fitted, panel_width, backward):
+    mixtures, channels = fitted
+    rng = np.random.default_rng(4)
+    feats = _features(rng, 11, channels, shift=0.4)
+    targets = rng.integers(0, 3, size=11)
+    expected, expected_k = _numpy_term(mixtures, [0, 1], feats, targets)
+    term = gmm.HFCTerm(mixtures, dtype=torch.float64, panel_width=panel_width, backward=backward)
+    tensors = [torch.tensor(f) for f in feats]
+    values, chosen = term.layer_terms(tensors, torch.tensor(targets))
+    assert term(None, tensors, torch.tensor(targets)).item() == pytest.approx(expected, rel=1e-10)
+    np.testing.assert_array_equal(chosen.numpy(), expected_k)
+    assert values.shape == (11, 2)
+    # A batch with a single target class takes the un-indexed path.
+    single = np.full(11, 2)
+    assert term(None, tensors, torch.tensor(single)).item() == pytest.approx(
+        _numpy_term(mixtures, [0, 1], feats, single)[0], rel=1e-10)
+    # Only the requested layers count.
+    only = gmm.HFCTerm(mixtures, layers=[1], dtype=torch.float64)
+    assert only(None, tensors, torch.tensor(targets)).item() == pytest.approx(
+        _numpy_term(mixtures, [1], feats, targets)[0], rel=1e-10)
+
+
+def test_component_choice_matches_sklearn():
+    rng = np.random.default_rng(5)
+    params = {}
+    models = {}
+    for cls in (0, 1):
+        X = _features(rng, 120, [8], shift=cls)[0]
+        models[cls] = BayesianGaussianMixture(n_components=5, covariance_type="full", random_state=cls).fit(X)
+        params[(0, cls)] = gmm.params_from_sklearn(models[cls], X)
+    mixtures = gmm.Mixtures(params, [0], [0, 1], kind="bayesian", num_components=5)
+    probe = np.concatenate([_features(rng, 30, [8], shift=s)[0] for s in (0.0, 1.0, 2.5)])
+    targets = rng.integers(0, 2, size=len(probe))
+    _, chosen = gmm.HFCTerm(mixtures, dtype=torch.float64).layer_terms([torch.tensor(probe)], torch.tensor(targets))
+    expected = [models[t]._estimate_weighted_log_prob(probe[i:i + 1]).argmax() for i, t in enumerate(targets)]
+    np.testing.assert_array_equal(chosen[:, 0].numpy(), expected)
+    assert len(set(expected)) > 1, "the probe should exercise several components"
+
+
+@pytest.mark.parametrize("backward", ["loop", "gather"])
+def test_hfc_gradient(fitted, backward):
+    mixtures, channels = fitted
+    rng = np.random.default_rng(6)
+    feats = [torch.tensor(f, requires_grad=True) for f in _features(rng, 6, channels, shift=0.8)]
+    targets = torch.tensor([0, 1, 2, 2, 1, 0])
+    term = gmm.HFCTerm(mixtures, dtype=torch.float64, panel_width=4, backward=backward)
+    assert torch.autograd.gradcheck(lambda a, b: term(None, [a, b], targets), feats)
+    # The same gradient as plain autograd through (f − μ_k*) L_k* with the chosen components.
+    value = term(None, feats, targets)
+    grads = torch.autograd.grad(value, feats)
+    _, chosen = term.layer_terms([f.detach() for f in feats], targets)
+    reference = 0
+    for j, layer in enumerate([0, 1]):
+        for i, t in enumerate(targets.tolist()):
+            p = mixtures[(layer, t)]
+            k = int(chosen[i, j])
+            z = (feats[layer][i] - torch.tensor(p.means[k])) @ torch.tensor(p.prec_chol[k])
+            reference = reference + z.square().sum() / channels[layer]
+    reference_grads = torch.autograd.grad(reference / len(targets), feats)
+    for got, want in zip(grads, reference_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    # A small step along the negative gradient decreases the term.
+    with torch.no_grad():
+        stepped = [f - 1e-3 * g / g.norm() for f, g in zip(feats, grads)]
+    assert term(None, stepped, targets).item() < value.item()
+
+
+def test_hfc_term_float32_on_model_features():
+    """The default float32 term on a real model's features: finite, and its choice agrees with float64."""
+    torch.manual_seed(0)
+    model = network.build_model("resnet18", 2).eval()
+    with torch.no_grad():
+        _, feats = model.forward_features(torch.rand(24, 3, 32, 32))
+    layers = gmm.select_layers(model, max_channels=128)
+    assert layers and all(model.layer_channels[i] <= 128 for i in layers)
+    pooled = [f.numpy().astype(np.float64) for f in feats]
+    labels = np.repeat([0, 1], 12)
+    mixtures = gmm.fit_mixtures(pooled, labels, layers, 2, kind="em", n_jobs=1, progress=False)
+    targets = torch.tensor(labels[::-1].copy())
+    v32, k32 = gmm.HFCTerm(mixtures).layer_terms(feats, targets)
+    v64, k64 = gmm.HFCTerm(mixtures, dtype=torch.float64).layer_terms(feats, targets)
+    assert v32.dtype == torch.float32 and torch.isfinite(v32).all()
+    assert (k32 == k64).float().mean() > 0.95
+    torch.testing.assert_close(v32.double(), v64, rtol=1e-3, atol=1e-3)
+
+
+def test_get_gmm_writes_artifacts(tiny_run, tmp_path, monkeypatch):
+    # A copy of the shared trained run, so that this test writes only under tmp_path.
+    run = tmp_path / "runs_synthetic" / "resnet18"
+    run.mkdir(parents=True)
+    for name in ("split.json", saver.CHECKPOINT_NAME):
+        shutil.copy(tiny_run / name, run / name)
+    monkeypatch.chdir(tmp_path)
+    summary = get_GMM.main(["-a", "resnet18", "-y", "2", "--kind", "em", "--max-channels", "128",
+                            "--device", "cpu", "--jobs", "2", "-b", "16"])
+    folder = run / "gmm_M2"
+    assert (folder / "mixtures.npz").is_file() and (folder / "summary.json").is_file()
+    mixtures = gmm.load_mixtures(folder)
+    model, _ = saver.load_model(run)
+    assert mixtures.layers == gmm.select_layers(model, max_channels=128) == summary["layers"]
+    assert len(mixtures.layers) == 8  # resnet18: the 64- and 128-channel block ReLUs
+    assert mixtures.layer_names == model.layer_names and mixtures.classes == [0, 1]
+    assert summary["n_fits"] == 2 * len(mixtures.layers) and summary["kind"] == "em"
+    assert all(np.isfinite(f["avg_log_likelihood"]) and f["n_components"] == 2 for f in summary["fits"])
+    images, labels = datasets.load_part(run, "train")
+    assert summary["train_per_class"] == np.bincount(labels.numpy()).tolist()
+    # The saved mixtures score the training features they were fitted on as reported.
+    feats = features.extract(model, images, "cpu", progress=False)
+    layer = mixtures.layers[0]
+    fit = next(f for f in summary["fits"] if f["layer"] == layer and f["class"] == 1)
+    X = feats.pooled[layer][labels.numpy() == 1]
+    assert mixtures.log_likelihood(layer, 1, X).mean() == pytest.approx(fit["avg_log_likelihood"], rel=1e-4)
+
+
+def test_get_gmm_missing_checkpoint(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "get_GMM.py"), "-a", "resnet18", "--device", "cpu"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train.py" in lines[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs_synthetic").exists()
+
+
+def test_load_mixtures_missing_folder(tmp_path):
+    with pytest.raises(gmm.UserError, match="get_GMM.py"):
+        gmm.load_mixtures(tmp_path / "nothing")
