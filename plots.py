@@ -1,0 +1,64 @@
+"""Figures for the report: the feature-space picture of one layer and the AUC of every detector
+before and after HFC. Matplotlib draws off-screen (Agg); files are written atomically."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from utils import atomic_write_bytes  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def pca_2d(reference: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    """Project ``reference`` and ``others`` on the first two principal axes of ``reference``."""
+    mean = reference.mean(axis=0)
+    _, _, vt = np.linalg.svd(reference - mean, full_matrices=False)
+    axes = vt[:2].T
+    return [(x - mean) @ axes for x in (reference, *others)]
+
+
+def feature_space(path: Path, clean: np.ndarray, clean_labels: np.ndarray, base: np.ndarray,
+                  hfc: np.ndarray, layer_name: str, class_names: list[str]) -> None:
+    """Clean features (by class), base AEs and HFC AEs of one layer in the clean PCA plane."""
+    clean_2d, base_2d, hfc_2d = pca_2d(clean, base, hfc)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for cls, name in enumerate(class_names):
+        pts = clean_2d[clean_labels == cls]
+        ax.scatter(pts[:, 0], pts[:, 1], s=14, alpha=0.6, label=f"clean: {name}")
+    ax.scatter(base_2d[:, 0], base_2d[:, 1], s=22, marker="x", c="black", label="base AEs")
+    ax.scatter(hfc_2d[:, 0], hfc_2d[:, 1], s=22, marker="^", c="crimson", label="HFC AEs")
+    ax.set_title(f"pooled features of {layer_name} (PCA of clean)")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def auc_bars(path: Path, results: dict) -> None:
+    """Detection AUC of every detector for the base and the HFC AEs."""
+    names = list(results["detectors"])
+    base = [results["detectors"][n]["base"]["auc"] for n in names]
+    hfc = [results["detectors"][n]["hfc"]["auc"] for n in names]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    ax.bar(x - 0.2, base, 0.4, label=f"base ({results['attack']})")
+    ax.bar(x + 0.2, hfc, 0.4, label="base + HFC")
+    ax.axhline(0.5, color="grey", lw=1, ls="--")
+    ax.set_xticks(x, names)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("detection AUC")
+    ax.set_title(f"{results['dataset']} / {results['arch']}: detectors before and after HFC")
+    ax.legend(fontsize=8)
+    _save(fig, path)
