@@ -1,0 +1,174 @@
+"""The HFC stage: schedule, λ choice, λ = 0 equals the base attack, the term pulls features into the
+mixtures, and the whole pipeline end to end on a tiny synthetic run (gmm_attack, eval, reproduce)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import aesets
+import attacks
+import eval as eval_script
+import extract_features
+import gen_base_adv
+import get_GMM
+import gmm
+import gmm_attack
+import hfc
+import report
+import reproduce
+import saver
+from utils import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+ATTACK = "I_FGSM_Linf_4"
+FAST_DETECTORS = ["--bu-passes", "5", "--lid-k", "5", "--lid-batch", "20", "--dnn-epochs", "2",
+                  "--train-limit", "60", "--device", "cpu", "-b", "16"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_run, tmp_path_factory):
+    """tiny_run copied, then the base attack, the detectors and M = 2 mixtures (module-scoped)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    shutil.copytree(tiny_run, root / "runs_synthetic" / "resnet18")
+    shutil.copytree(tiny_run.parents[1] / ".cache", root / ".cache", dirs_exist_ok=True) \
+        if (tiny_run.parents[1] / ".cache").is_dir() else None
+    import os
+    cwd = os.getcwd()
+    os.chdir(root)
+    torch.set_num_threads(1)
+    try:
+        common = ["-a", "resnet18", "--dataset", "synthetic", "--device", "cpu"]
+        gen_base_adv.main(common + ["--attack", ATTACK])
+        extract_features.main(["-a", "resnet18", "--attack", ATTACK, *FAST_DETECTORS])
+        get_GMM.main(common + ["-y", "2"])
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+def test_schedule_follows_the_paper():
+    assert hfc.hfc_schedule("APTOS", "resnet50", 1.0) == (0.025, 80)
+    assert hfc.hfc_schedule("CXR", "resnet50", 2.0) == (0.01, 400)
+    assert hfc.hfc_schedule("CXR", "vgg16", 1.0) == (0.04, 50)
+    assert hfc.hfc_schedule("synthetic", "resnet18", 4.0) == (pytest.approx(0.4), 20)
+    assert hfc.hfc_schedule("APTOS", "resnet50", 1.0, step_size_256=0.1, steps=7) == (0.1, 7)
+    with pytest.raises(UserError):
+        hfc.hfc_schedule("APTOS", "resnet50", 1.0, step_size_256=0)
+
+
+def test_choose_lambda_takes_the_largest_that_succeeds(monkeypatch):
+    # success ≥ 95% exactly when λ ≤ 0.002: decades 1, 0.1, 0.01 fail, 0.001 succeeds, midpoint √(0.01·0.001) fails
+    def fake_attack(model, term, images, targets, spec, *, lam, **kwargs):
+        return images, torch.full((len(images),), lam <= 0.002)
+    monkeypatch.setattr(hfc, "hfc_attack", fake_attack)
+    lam, trials = hfc.choose_lambda(None, None, torch.zeros(4, 3, 2, 2), np.zeros(4), None,
+                                    grid=[1, 0.1, 0.01, 0.001, 1e-4], min_success=0.95)
+    assert lam == 0.001
+    assert [t["lamda"] for t in trials] == [1, 0.1, 0.01, 0.001, pytest.approx(np.sqrt(1e-5))]
+    assert [t["fit_success"] for t in trials] == [0, 0, 0, 1, 0]
+    # when the midpoint succeeds it is taken
+    monkeypatch.setattr(hfc, "hfc_attack", lambda *a, lam, **k: (a[2], torch.full((4,), lam <= 0.005)))
+    lam, _ = hfc.choose_lambda(None, None, torch.zeros(4, 3, 2, 2), np.zeros(4), None,
+                               grid=[0.01, 0.001], min_success=0.95)
+    assert lam == pytest.approx(np.sqrt(1e-5))
+
+
+def _eval_images(root: Path, n: int = 12):
+    run = root / "runs_synthetic" / "resnet18"
+    base = aesets.load_ae_set(run / ATTACK)
+    model, _ = saver.load_model(run, "cpu")
+    mixtures = gmm.load_mixtures(gmm.mixtures_folder(run, 2))
+    return run, model, mixtures, torch.from_numpy(base["clean"][:n]), base["targets"][:n], base
+
+
+def test_lambda_zero_is_the_base_attack_and_lambda_pulls_features_in(pipeline):
+    run, model, mixtures, clean, targets, base = _eval_images(pipeline)
+    spec = attacks.parse_attack(ATTACK)
+    term = gmm.HFCTerm(mixtures)
+    kwargs = dict(step_size_256=0.8, steps=10, seed=0, batch_size=5, device="cpu", progress=False)
+    plain, plain_success = hfc.hfc_attack(model, term, clean, targets, spec, lam=0.0, **kwargs)
+    reference, reference_success = attacks.run_attack(model, clean, targets, spec, steps=10, step_size=0.8 / 256,
+                                                      batch_size=5, progress=False)
+    assert torch.equal(plain, reference) and torch.equal(plain_success, reference_success)
+    # the default schedule of the saved base set (10 steps of ε/5) is reproduced too
+    again, _ = hfc.hfc_attack(model, term, clean, targets, spec, lam=0.0, step_size_256=0.8, steps=10, seed=0,
+                              batch_size=32, device="cpu", progress=False)
+    assert torch.equal(again, torch.from_numpy(base["adv"][:len(clean)]))
+
+    hidden, _ = hfc.hfc_attack(model, term, clean, targets, spec, lam=1.0, **kwargs)
+    rows = {"base": (plain.numpy(), np.ones(len(clean), bool)), "hfc": (hidden.numpy(), np.ones(len(clean), bool))}
+    loglik = hfc.mixture_log_likelihood(model, mixtures, rows, targets, "cpu")
+    assert loglik["hfc"] > loglik["base"]
+    assert (hidden - clean).abs().max() <= spec.eps + 1e-6
+
+
+def test_gmm_attack_eval_and_reproduce_end_to_end(pipeline, monkeypatch):
+    monkeypatch.chdir(pipeline)
+    common = ["-a", "resnet18", "--dataset", "synthetic", "--device", "cpu", "-y", "2"]
+    results = gmm_attack.main(common + ["--attack", ATTACK, "--lamda", "auto", "--tune-images", "8"])
+    assert set(results["detectors"]) == {"KD", "BU", "KD+BU", "LID", "MAHA", "SVM", "DNN"}
+    for rows in results["detectors"].values():
+        for row in ("base", "hfc"):
+            assert 0.0 <= rows[row]["auc"] <= 1.0 and 0.0 <= rows[row]["tnr90"] <= 1.0
+    assert results["attack"] == ATTACK and results["detector_attack"] == ATTACK and results["epsilon_256"] == 4.0
+    assert 0 <= results["success"]["hfc"] <= 1 and results["lamda"] in [t["lamda"] for t in results["lamda_trials"]]
+    folder = pipeline / "runs_synthetic" / "resnet18" / ATTACK / f"hfc_M2_lam{results['lamda']:.3g}"
+    assert json.loads((folder / "results.json").read_text())["n_eval"] == results["n_eval"]
+    assert "| KD |" in (folder / "results.md").read_text()
+    hfc_set = aesets.load_ae_set(folder)  # checked: L∞ ≤ ε, range, shapes
+    assert len(hfc_set["index"]) == results["n_eval"]
+
+    # eval.py scores the saved sets again with the same code path: identical numbers
+    [again] = eval_script.main(["-a", "resnet18", "--dataset", "synthetic", "--attack", ATTACK, "--device", "cpu",
+                                "--format", "csv"])
+    assert again["detectors"] == results["detectors"] and again["success"] == results["success"]
+
+    # reproduce.py finds every artifact, skips every stage and writes the report
+    summary = reproduce.main(["-a", "resnet18", "--attack", ATTACK, "-y", "2", "--device", "cpu"])
+    assert summary["stage_seconds"] == {}
+    out = pipeline / "runs_synthetic" / "resnet18" / "report"
+    for name in ("table.md", "report.json", "auc_before_after.png", "feature_space.png"):
+        assert (out / name).stat().st_size > 0, name
+
+
+def test_gmm_attack_error_paths(pipeline, tmp_path, monkeypatch):
+    monkeypatch.chdir(pipeline)
+    with pytest.raises(UserError, match="get_GMM.py"):
+        gmm_attack.main(["-a", "resnet18", "--attack", ATTACK, "-y", "5", "--device", "cpu"])
+    with pytest.raises(UserError, match="extract_features.py"):
+        gmm_attack.main(["-a", "resnet18", "--attack", ATTACK, "--detector", "PGD_Linf_4", "-y", "2"])
+    with pytest.raises(UserError, match="'auto'"):
+        gmm_attack.main(["-a", "resnet18", "--attack", ATTACK, "--lamda", "lots"])
+    result = subprocess.run([sys.executable, str(ROOT / "gmm_attack.py"), "-a", "resnet18"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "train.py" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_report_formats():
+    results = report.results_dict(
+        dataset="APTOS", arch="resnet50", attack="I_FGSM_Linf_1", detector_attack="I_FGSM_Linf_1", epsilon_256=1,
+        n_eval=10, success={"base": 1.0, "hfc": 0.9},
+        detectors={"MAHA": {"base": {"auc": 1.0, "tnr90": 1.0}, "hfc": {"auc": 0.2, "tnr90": 0.0}},
+                   "KD": {"base": {"auc": 0.9, "tnr90": 0.8}, "hfc": {"auc": 0.4, "tnr90": 0.1}}})
+    assert list(results["detectors"]) == ["KD", "MAHA"]  # the paper's order
+    md = report.format_table(results, "md")
+    assert "| KD | 0.900 | 0.800 | 0.400 | 0.100 |" in md and "| mean | 0.950 |  | 0.300 |  |" in md
+    csv_text = report.format_table(results, "csv")
+    assert csv_text.splitlines()[0] == "detector,base AUC,base TNR@90,hfc AUC,hfc TNR@90"
+    assert "success" in report.format_table(results, "text")
