@@ -1,0 +1,192 @@
+"""One forward pass over an image set: logits and every pooled hierarchical feature.
+
+KD, LID, MAHA, SVM and the ensembles work on these cached features, BU re-runs only the head
+on the cached feature at ``model.head_input_index``; MAHA's input pre-processing (gradients)
+and the DNN detector (feature maps) need the images, which the FeatureSet keeps. The maps of
+the DNN layers can be kept from the same pass (``keep_maps``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torchvision.models.feature_extraction import create_feature_extractor
+from tqdm import tqdm
+
+import network
+from utils import batches
+
+DEFAULT_BATCH_SIZE = 32
+
+
+@dataclass
+class FeatureSet:
+    """Cached outputs for N images (all on the CPU).
+
+    ``images``: float32 N×3×H×W in [0, 1]; ``logits``: float32 N×K; ``pooled``: one float32
+    N×C_l array per hierarchical layer; ``labels``: int64 N (true labels) or None;
+    ``maps``: {layer index: float32 N×C×h×w tensor} for the layers asked for in ``keep_maps``.
+    """
+
+    images: torch.Tensor
+    logits: np.ndarray
+    pooled: list[np.ndarray]
+    labels: np.ndarray | None = None
+    maps: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.logits)
+
+    @property
+    def predictions(self) -> np.ndarray:
+        return self.logits.argmax(axis=1)
+
+    def subset(self, positions) -> "FeatureSet":
+        """The samples at ``positions`` (an index array or a boolean mask), in that order."""
+        positions = np.asarray(positions)
+        if positions.dtype == bool:
+            positions = np.flatnonzero(positions)
+        torch_positions = torch.from_numpy(positions.astype(np.int64))
+        return FeatureSet(
+            images=self.images[torch_positions],
+            logits=self.logits[positions],
+            pooled=[layer[positions] for layer in self.pooled],
+            labels=None if self.labels is None else self.labels[positions],
+            maps={index: m[torch_positions] for index, m in self.maps.items()})
+
+    @staticmethod
+    def concat(sets: Sequence["FeatureSet"]) -> "FeatureSet":
+        """Stack feature sets in order (maps kept only for layers every set has)."""
+        if not sets:
+            raise ValueError("nothing to concatenate")
+        labels = None if any(s.labels is None for s in sets) else np.concatenate([s.labels for s in sets])
+        common_maps = set.intersection(*(set(s.maps) for s in sets))
+        return FeatureSet(
+            images=torch.cat([s.images for s in sets]),
+            logits=np.concatenate([s.logits for s in sets]),
+            pooled=[np.concatenate([s.pooled[i] for s in sets]) for i in range(len(sets[0].pooled))],
+            labels=labels,
+            maps={index: torch.cat([s.maps[index] for s in sets]) for index in sorted(common_maps)})
+
+
+def model_device(model: torch.nn.Module | None) -> torch.device:
+    if model is None:
+        return torch.device("cpu")
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def as_image_tensor(images) -> torch.Tensor:
+    tensor = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
+    return tensor.detach().to("cpu", torch.float32).contiguous()
+
+
+@torch.no_grad()
+def extract(model, images, device: torch.device | str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+            progress: bool = True, labels=None, keep_maps: Sequence[int] = (),
+            desc: str = "features") -> FeatureSet:
+    """One forward pass (eval mode) over ``images``: logits, pooled features, chosen maps."""
+    images = as_image_tensor(images)
+    device = torch.device(device) if device is not None else model_device(model)
+    model.eval()  # features are always those of the deployed (eval-mode) network
+    n = len(images)
+    if n == 0:  # an empty set (e.g. no successful AE): shapes from a dummy image, zero rows
+        probe = extract(model, torch.zeros(1, *images.shape[1:]), device, 1, False, None, keep_maps, desc)
+        return probe.subset(np.zeros(0, np.int64)) if labels is None else FeatureSet(
+            images, probe.logits[:0], [p[:0] for p in probe.pooled], np.zeros(0, np.int64),
+            {i: m[:0] for i, m in probe.maps.items()})
+    logits_all: np.ndarray | None = None
+    pooled_all: list[np.ndarray] = []
+    maps_all: dict[int, torch.Tensor] = {}
+    for part in tqdm(list(batches(n, batch_size)), desc=desc, disable=not progress, leave=False):
+        logits, maps = model.forward_maps(images[part].to(device))
+        if logits_all is None:
+            logits_all = np.empty((n, logits.shape[1]), np.float32)
+            pooled_all = [np.empty((n, m.shape[1]), np.float32) for m in maps]
+            maps_all = {i: torch.empty((n, *maps[i].shape[1:]), dtype=torch.float32) for i in keep_maps}
+        logits_all[part] = logits.float().cpu().numpy()
+        for layer, feature_map in enumerate(maps):
+            pooled_all[layer][part] = network.pooled(feature_map).float().cpu().numpy()
+        for index in keep_maps:
+            maps_all[index][part] = maps[index].float().cpu()
+    if labels is not None:
+        labels = np.asarray(labels, dtype=np.int64)
+        if len(labels) != n:
+            raise ValueError(f"{len(labels)} labels for {n} images")
+    return FeatureSet(images=images, logits=logits_all, pooled=pooled_all, labels=labels, maps=maps_all)
+
+
+def benign_and_adv(model, clean, noisy, adv, success, device: torch.device | str | None = None,
+                   batch_size: int = DEFAULT_BATCH_SIZE, keep_maps: Sequence[int] = (), progress: bool = True,
+                   desc: str = "") -> tuple[FeatureSet, FeatureSet]:
+    """The protocol's two sets for some images of A (PROTOCOL section 6): benign = the clean
+    then the noisy versions, adversarial = the AEs where ``success``. Each set is extracted on
+    its own, in the given order -- call it with the same arrays and batch size and the
+    features (hence every detector score) are bit-identical."""
+    success = np.asarray(success, dtype=bool)
+    run = lambda images, what: extract(model, as_image_tensor(images), device, batch_size, progress,
+                                       keep_maps=keep_maps, desc=f"{desc}{what} features")
+    benign = FeatureSet.concat([run(clean, "clean"), run(noisy, "noise")])
+    return benign, run(as_image_tensor(adv)[torch.from_numpy(success)], "AE")
+
+
+def layer_forward(model, index: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A callable x -> the (un-pooled) output of tap ``index``, running the network only that far.
+
+    Built once per model and layer with torchvision's feature extractor (unused graph nodes are
+    dropped, so the layers after the tap are not run). Models without the
+    ``HierarchicalNet`` internals fall back to a full ``forward_maps``.
+    """
+    cache = model.__dict__.setdefault("_detector_taps", {})
+    if index not in cache:
+        backbone, nodes = getattr(model, "backbone", None), getattr(model, "_nodes", None)
+        if backbone is None or nodes is None:
+            cache[index] = lambda x: model.forward_maps(x)[1][index]
+        else:
+            # The extractor shares the backbone's modules and sets their mode from the model's
+            # at creation: build it in eval mode.
+            was_training = model.training
+            model.eval()
+            extractor = create_feature_extractor(backbone, return_nodes={nodes[index]: "out"},
+                                                 tracer_kwargs={"leaf_modules": [network.Normalize]})
+            model.train(was_training)
+            cache[index] = lambda x, run=extractor: run(x)["out"]
+    return cache[index]
+
+
+@torch.no_grad()
+def _probe_maps(model, image_size: int) -> list[torch.Tensor]:
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.rand(1, 3, image_size, image_size, generator=generator).to(model_device(model))
+    _, maps = model.forward_maps(probe)
+    model.train(was_training)
+    return [m.float().cpu() for m in maps]
+
+
+def stage_end_layers(model, image_size: int = 64) -> list[int]:
+    """Conv taps that close a stage: the last tap of each residual stage (ResNet: the name
+    prefix ``layerK``), or, when all taps share one prefix (VGG), the last tap before the
+    spatial size drops (the ReLU before each max-pool). Lee et al. take their features there.
+    """
+    conv = list(model.conv_layers)
+    maps = _probe_maps(model, image_size)
+    prefixes = [model.layer_names[i].split(".")[0] for i in conv]
+    keys = prefixes if len(set(prefixes)) > 1 else [tuple(maps[i].shape[2:]) for i in conv]
+    return [index for position, index in enumerate(conv)
+            if position == len(conv) - 1 or keys[position + 1] != keys[position]]
+
+
+def pooled_copies(model, image_size: int = 64) -> list[int]:
+    """Non-conv taps that merely repeat the global pooling of the tap before them (ResNet's
+    ``flatten`` equals the pooled last block output): detectors can skip them."""
+    maps = _probe_maps(model, image_size)
+    conv = set(model.conv_layers)
+    return [i for i in range(1, len(maps))
+            if i not in conv and i - 1 in conv and maps[i].shape == network.pooled(maps[i - 1]).shape
+            and torch.allclose(maps[i], network.pooled(maps[i - 1]), rtol=1e-5, atol=1e-6)]
