@@ -121,10 +121,10 @@ def score_rows(model, fitted: dict[str, detectors.Detector], clean: np.ndarray, 
     """Score benign (clean + noisy) against each row's successful AEs with every detector.
 
     ``rows`` maps a row name ("base", "hfc", ...) to (AE images, success) of the same images as
-    ``clean``. Returns ({detector: {row: detection report}}, {row: success rate})."""
-    extract = lambda x, desc: features.extract(model, torch.from_numpy(x), device, batch_size,  # noqa: E731
-                                               desc=desc)
-    benign = features.FeatureSet.concat([extract(clean, "clean features"), extract(noisy, "noise features")])
+    ``clean``. The feature sets are built exactly as ``extract_features.py`` builds them
+    (``features.benign_and_adv``), so a row scored here equals the same row scored there.
+    Returns ({detector: {row: detection report}}, {row: success rate})."""
+    keep_maps = fitted["DNN"].layers if "DNN" in fitted else ()
     table: dict[str, dict[str, dict]] = {name: {} for name in fitted}
     success_rates = {}
     for row, (adv, success) in rows.items():
@@ -132,9 +132,9 @@ def score_rows(model, fitted: dict[str, detectors.Detector], clean: np.ndarray, 
         success_rates[row] = float(success.mean()) if len(success) else 0.0
         if success.sum() < 1:
             raise UserError(f"no successful {row} AE among {len(success)} evaluation images: nothing to score")
-        reports = detectors.evaluate(fitted, model, benign, extract(adv[success], f"{row} AE features"),
-                                     progress=True)
-        for name, report in reports.items():
+        benign, adv_feats = features.benign_and_adv(model, clean, noisy, adv, success, device, batch_size,
+                                                    keep_maps=keep_maps, desc=f"{row}: ")
+        for name, report in detectors.evaluate(fitted, model, benign, adv_feats, progress=True).items():
             table[name][row] = report
     return table, success_rates
 

@@ -127,6 +127,12 @@ def test_gmm_attack_eval_and_reproduce_end_to_end(pipeline, monkeypatch):
             assert 0.0 <= rows[row]["auc"] <= 1.0 and 0.0 <= rows[row]["tnr90"] <= 1.0
     assert results["attack"] == ATTACK and results["detector_attack"] == ATTACK and results["epsilon_256"] == 4.0
     assert 0 <= results["success"]["hfc"] <= 1 and results["lamda"] in [t["lamda"] for t in results["lamda_trials"]]
+    # the base row is the detectors' own A_eval report: one scoring path for both stages
+    fitted_summary = json.loads((pipeline / "runs_synthetic" / "resnet18" / ATTACK / "detectors" / "summary.json")
+                                .read_text())
+    for name, rows in results["detectors"].items():
+        assert rows["base"]["auc"] == pytest.approx(fitted_summary["detectors"][name]["auc"], abs=1e-12), name
+        assert rows["base"]["tnr90"] == pytest.approx(fitted_summary["detectors"][name]["tnr90"], abs=1e-12), name
     folder = pipeline / "runs_synthetic" / "resnet18" / ATTACK / f"hfc_M2_lam{results['lamda']:.3g}"
     assert json.loads((folder / "results.json").read_text())["n_eval"] == results["n_eval"]
     assert "| KD |" in (folder / "results.md").read_text()
