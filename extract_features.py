@@ -114,13 +114,7 @@ def main(argv=None) -> dict:
     attack = attacks.parse_attack(args.attack)
     if args.batch_size < 1 or args.train_limit < 0:
         raise utils.UserError("--batch-size must be positive and --train-limit non-negative")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = utils.get_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    utils.set_seed(args.seed)
+    device = utils.prepare_runtime(args.device, args.seed, args.threads)
     run = utils.run_dir(args.dataset, args.arch, args.name)
     model, _ = saver.load_model(run, device, arch=args.arch)
     # Check the layer choices now rather than after minutes of feature extraction.

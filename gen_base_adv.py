@@ -71,14 +71,7 @@ def main(argv=None) -> dict:
         settings = attacks.resolve_settings(spec, args.steps, step_size, options)
     except ValueError as err:
         raise utils.UserError(str(err)) from None
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = utils.get_device(args.device)
-    if device.type == "cuda":
-        # Same seed -> same arrays: no autotuned (possibly non-deterministic) conv algorithms.
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    utils.set_seed(args.seed)
+    device = utils.prepare_runtime(args.device, args.seed, args.threads)
     run = utils.run_dir(args.dataset, args.arch, args.name)
     model, model_meta = saver.load_model(run, device, arch=args.arch)
     images, labels = datasets.load_part(run, "test")

@@ -16,7 +16,6 @@ import os
 import time
 
 import numpy as np
-import torch
 
 import datasets
 import features
@@ -67,11 +66,8 @@ def main(argv=None) -> dict:
                               "must be positive")
     if not args.reg_covar > 0:
         raise utils.UserError(f"--reg-covar must be positive, got {args.reg_covar}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     jobs = args.jobs or os.cpu_count() or 1
-    device = utils.get_device(args.device)
-    utils.set_seed(args.seed)
+    device = utils.prepare_runtime(args.device, args.seed, args.threads)
     run = utils.run_dir(args.dataset, args.arch, args.name)
     model, model_meta = saver.load_model(run, device, arch=args.arch)
     layers = gmm.select_layers(model, max_channels=args.max_channels)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 
 import aesets
@@ -84,10 +83,7 @@ def main(argv=None) -> dict:
     detector_attack = attacks.parse_attack(args.detector or args.attack).name
     lam, grid = parse_lambda(args)
     dataset = utils.canonical_dataset(args.dataset)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = utils.get_device(args.device)
-    utils.set_seed(args.seed)
+    device = utils.prepare_runtime(args.device, args.seed, args.threads)
     run = utils.run_dir(dataset, args.arch, args.name)
     model, _ = saver.load_model(run, device, arch=args.arch)
     sets = hfc.load_protocol_sets(run, spec.name, args.noise, args.arch, dataset)

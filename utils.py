@@ -144,3 +144,16 @@ def batches(n: int, batch_size: int):
     """Yield slices covering range(n) in order."""
     for start in range(0, n, batch_size):
         yield slice(start, min(start + batch_size, n))
+
+
+def prepare_runtime(device_flag: str | None, seed: int, threads: int | None = None) -> torch.device:
+    """The common start of every stage: CPU threads, the device, deterministic cuDNN, the seed."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = get_device(device_flag)
+    if device.type == "cuda":
+        # Same seed -> same arrays: no autotuned (possibly non-deterministic) conv algorithms.
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    set_seed(seed)
+    return device

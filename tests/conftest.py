@@ -10,8 +10,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-# Two CPU cores: keep BLAS/torch from oversubscribing them.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread per test: the models are tiny, and on a 2-core machine shared with other
+    work, oversubscribed threads made attacks 5-10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

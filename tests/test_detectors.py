@@ -22,14 +22,6 @@ from utils import UserError
 DIMS = (6, 12)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_set(pooled, predicted, labels=None, maps=None):
     n = len(predicted)
     logits = np.zeros((n, 2), np.float32)

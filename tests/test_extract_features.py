@@ -26,14 +26,6 @@ FAST = ["--bu-passes", "10", "--lid-k", "5", "--lid-batch", "20", "--dnn-epochs"
         "--device", "cpu", "-b", "8"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _make_run(root: Path, with_aes: bool = True, n: int = 20) -> Path:
     """A synthetic run (untrained resnet18, 32 px) with a hand-made AE set: the AEs are the clean
     images moved by ±64/256 (outliers), two of them marked unsuccessful."""

@@ -22,14 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "gen_base_adv.py"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _arrays(n=5, eps=2 / 256, seed=0):
     rng = np.random.default_rng(seed)
     clean = rng.random((n, 3, 8, 8), dtype=np.float32)

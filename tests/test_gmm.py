@@ -21,14 +21,6 @@ import saver
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _features(rng, n, channels, shift=0.0):
     """Non-negative, correlated, pooled-ReLU-like features (n × C per layer)."""
     out = []

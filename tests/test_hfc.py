@@ -32,14 +32,6 @@ FAST_DETECTORS = ["--bu-passes", "5", "--lid-k", "5", "--lid-batch", "20", "--dn
                   "--train-limit", "60", "--device", "cpu", "-b", "16"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pipeline(tiny_run, tmp_path_factory):
     """tiny_run copied, then the base attack, the detectors and M = 2 mixtures (module-scoped)."""
