@@ -32,7 +32,7 @@ def feature_nodes(node_names: list[str]) -> list[str]:
 
 def head_modules(net: nn.Module) -> tuple[nn.Module, ...]:
     """Modules run after the last hierarchical feature: dropout, then the classifier."""
-    return (net.fc,)
+    return tuple(net.fc)
 
 
 def load_imagenet_state(net: nn.Module, state: dict) -> list[str]:
