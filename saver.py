@@ -42,7 +42,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
                arch: str | None = None) -> tuple[HierarchicalNet, dict[str, Any]]:
     """Rebuild the model stored at ``path`` (a file, or a run directory), in eval mode."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() or path.suffix != ".pt":  # a run directory, existing or not
         path = path / CHECKPOINT_NAME
     state = read_checkpoint(path)
     meta = state["meta"]
