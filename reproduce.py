@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="HFC steps (default: 2ε/α)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage (default: 0)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for every stage (default: torch's; 1 is faster on a busy CPU)")
     parser.add_argument("--force", action="store_true", help="redo every stage even if its artifacts exist")
     return parser.parse_args(argv)
 
@@ -89,7 +91,7 @@ def main(argv=None) -> dict:
     dataset = utils.canonical_dataset(args.dataset)
     spec = attacks.parse_attack(args.attack)
     run = utils.run_dir(dataset, args.arch)
-    common = ["-a", args.arch, "--dataset", dataset, "--seed", str(args.seed)] + _flags(device=args.device)
+    common = ["-a", args.arch, "--dataset", dataset, "--seed", str(args.seed)] + _flags(device=args.device, threads=args.threads)
     seconds: dict[str, float] = {}
 
     def stage(name: str, done: bool, call) -> None:

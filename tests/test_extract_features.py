@@ -22,7 +22,7 @@ from utils import UserError
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "extract_features.py"
 ATTACK = "I_FGSM_Linf_64"
-FAST = ["--bu-passes", "10", "--lid-k", "5", "--lid-batch", "20", "--dnn-epochs", "2", "--train-limit", "30",
+FAST = ["--bu-passes", "10", "--lid-k", "5", "--lid-batch", "20", "--dnn-epochs", "5", "--train-limit", "30",
         "--device", "cpu", "-b", "8"]
 
 
