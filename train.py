@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="square input size (default: 64 for synthetic, 128 otherwise; the paper used 256)")
     p.add_argument("--num-classes", type=int, default=2, help="2, or 5 for APTOS grading (default: %(default)s)")
     p.add_argument("--max-train-per-class", type=int, default=None,
-                   help="cap on training images per class (default: 600 for CXR, none otherwise; 0 = no cap)")
+                   help=f"cap on training images per class (default: "
+                        f"{datasets.DEFAULT_MAX_TRAIN_PER_CLASS['CXR']} for CXR, none otherwise; 0 = no cap)")
     p.add_argument("--synthetic-train", type=int, default=datasets.SYNTHETIC_TRAIN,
                    help="synthetic training-pool size; validation is carved from it (default: %(default)s)")
     p.add_argument("--synthetic-test", type=int, default=datasets.SYNTHETIC_TEST, help="synthetic test-set size (default: %(default)s)")
@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the synthetic images and training (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--workers", type=int, default=None, help="image-decoding threads (default: up to 4)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the usable cores)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice, the usable cores; use 1 when other jobs share the CPU)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the run's checkpoint (its split, weights, optimizer and epoch)")
     return p.parse_args(argv)
@@ -65,9 +65,7 @@ def main(argv=None) -> dict:
     started = time.time()
     dataset = utils.canonical_dataset(args.dataset)
     run = utils.run_dir(dataset, args.arch, args.name)
-    device = utils.get_device(args.device)
-    _set_threads(args.threads)
-    utils.set_seed(args.seed)
+    device = utils.prepare_runtime(args.device, args.seed, args.threads)
     epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS[dataset]
     args.batch_size = args.batch_size or (64 if device.type == "cuda" else 16)
     if args.batch_size < 2:
@@ -85,6 +83,9 @@ def main(argv=None) -> dict:
         split = datasets.prepare_split(dataset, args.data_root, args.image_size, args.num_classes, args.seed,
                                        max_train_per_class=cap or None, synthetic_train=args.synthetic_train,
                                        synthetic_test=args.synthetic_test)
+        # A fresh run: drop an older run's results so that they never sit beside the new split.
+        for stale in (run / saver.CHECKPOINT_NAME, run / "train_summary.json"):
+            stale.unlink(missing_ok=True)
         datasets.write_split(run, split)
     counts = datasets.describe_split(split)
     print(f"{dataset} at {split['image_size']}px, run {run}: " +
@@ -156,13 +157,6 @@ def main(argv=None) -> dict:
           (f", quadratic kappa {summary['test_kappa']:.4f}" if "test_kappa" in summary else "") +
           f"; {summary['seconds']:.0f} s; wrote {run / saver.CHECKPOINT_NAME}")
     return summary
-
-
-def _set_threads(threads: int | None) -> None:
-    # torch may count the host's cores rather than the ones this process may use.
-    import os
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, threads or min(usable, torch.get_num_threads())))
 
 
 def _batch(images: torch.Tensor, device: torch.device) -> torch.Tensor:

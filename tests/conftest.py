@@ -24,7 +24,10 @@ def _one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
-    """A ResNet-18 trained briefly on 32 px synthetic images; returns runs_synthetic/resnet18."""
+    """A ResNet-18 trained briefly on 32 px synthetic images; returns runs_synthetic/resnet18.
+
+    The folder holds split.json, checkpoint.pt and train_summary.json, as a real run does.
+    """
     import train
 
     base = tmp_path_factory.mktemp("tiny")
@@ -33,7 +36,7 @@ def tiny_run(tmp_path_factory) -> Path:
     try:
         train.main(["-a", "resnet18", "--dataset", "synthetic", "--image-size", "32",
                     "--synthetic-train", "120", "--synthetic-test", "60", "--epochs", "2",
-                    "-b", "32", "--seed", "0"])
+                    "-b", "32", "--seed", "0", "--device", "cpu", "--threads", "1"])
     finally:
         os.chdir(cwd)
     return base / "runs_synthetic" / "resnet18"

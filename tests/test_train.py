@@ -57,7 +57,7 @@ def test_resume_continues_from_the_checkpoint(tiny_run, tmp_path, monkeypatch):
     before = json.loads((tiny_run / "train_summary.json").read_text())
     best = before["best_epoch"]
     summary = train.main(["-a", "resnet18", "--dataset", "SYNTHETIC", "--epochs", str(best + 1), "--resume",
-                          "-b", "32", "--device", "cpu"])
+                          "-b", "32", "--device", "cpu", "--threads", "1"])
     # Resumed after the best epoch: its records are kept, one more epoch is trained.
     assert [h["epoch"] for h in summary["history"]] == list(range(1, best + 2))
     assert summary["history"][:best] == before["history"][:best]
@@ -68,7 +68,7 @@ def test_resume_continues_from_the_checkpoint(tiny_run, tmp_path, monkeypatch):
 def test_resume_without_checkpoint_names_train_py(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="train.py"):
-        train.main(["-a", "resnet18", "--resume", "--device", "cpu"])
+        train.main(["-a", "resnet18", "--resume", "--device", "cpu", "--threads", "1"])
 
 
 def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
