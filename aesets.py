@@ -90,3 +90,14 @@ def load_ae_set(folder: str | Path, hint: str = "run gen_base_adv.py first") -> 
     if meta is not None:
         arrays["meta"] = meta
     return arrays
+
+
+def rows_of(ae: dict[str, Any], index, what: str, hint: str) -> np.ndarray:
+    """Positions in the AE set ``ae`` of the images with test-set ``index``, in that order;
+    a UserError ("<what> lacks N images ...; <hint>") when some are not in it."""
+    position = {int(i): p for p, i in enumerate(ae["index"])}
+    missing = [int(i) for i in index if int(i) not in position]
+    if missing:
+        raise UserError(f"{what} lacks {len(missing)} images of the set asked for (e.g. test image {missing[0]}); "
+                        f"{hint}")
+    return np.array([position[int(i)] for i in index], dtype=np.int64)

@@ -60,7 +60,7 @@ def main(argv=None) -> list[dict]:
     all_results = []
     for folder in folders:
         hfc_set = aesets.load_ae_set(folder, hint=f"run gmm_attack.py --attack {spec.name} first")
-        base_rows = hfc.rows_of(base, hfc_set["index"], f"base set {run / spec.name}")
+        base_rows = aesets.rows_of(base, hfc_set["index"], f"base set {run / spec.name}", hfc.REMAKE_HINT)
         rows = {"base": (base["adv"][base_rows], base["success"][base_rows]),
                 "hfc": (hfc_set["adv"], hfc_set["success"])}
         table, success = hfc.score_rows(model, fitted, hfc_set["clean"], sets["noisy"][base_rows], rows,

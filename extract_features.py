@@ -88,12 +88,9 @@ def noise_versions(model, run, ae: dict, args, device) -> np.ndarray:
                            success=success, index=ae["index"], eps=spec.eps, meta=meta)
         print(f"made {spec.name} for the {len(adv)} images of A -> {folder}")
     noise = aesets.load_ae_set(folder, hint=f"delete {folder} to have it re-made")
-    position = {int(i): p for p, i in enumerate(noise["index"])}
-    missing = [int(i) for i in ae["index"] if int(i) not in position]
-    if missing:
-        raise utils.UserError(f"{folder} lacks {len(missing)} images of the attack set; delete it (it is re-made "
-                              f"here for the same images) or re-run gen_base_adv.py with the same --limit")
-    rows = np.array([position[int(i)] for i in ae["index"]])
+    rows = aesets.rows_of(noise, ae["index"], str(folder),
+                          "delete it (it is re-made here for the same images) or re-run gen_base_adv.py with "
+                          "the same --limit")
     if not np.array_equal(noise["clean"][rows], ae["clean"]):
         raise utils.UserError(f"the clean images of {folder} differ from those of the attack set; delete it")
     return noise["adv"][rows]

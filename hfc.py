@@ -27,6 +27,7 @@ PAPER_STEP_256 = {("APTOS", "resnet50"): 0.025, ("APTOS", "vgg16"): 0.1,
 FALLBACK_STEP_FRACTION = 0.1
 DEFAULT_LAMBDA_GRID = (1.0, 0.1, 0.01, 1e-3, 1e-4, 1e-5, 1e-6)
 DEFAULT_MIN_SUCCESS = 0.95
+REMAKE_HINT = "re-make it for the same images (same --seed and --limit)"
 
 
 def hfc_schedule(dataset: str, arch: str, eps_256: float, step_size_256: float | None = None,
@@ -94,23 +95,13 @@ def choose_lambda(model, term: gmm.HFCTerm, images: torch.Tensor, targets: np.nd
     return best["lamda"], trials
 
 
-def rows_of(ae: dict, index: np.ndarray, what: str) -> np.ndarray:
-    """Positions in an AE set of the images with test-set ``index`` (in that order)."""
-    position = {int(i): p for p, i in enumerate(ae["index"])}
-    missing = [int(i) for i in index if int(i) not in position]
-    if missing:
-        raise UserError(f"{what} lacks {len(missing)} of the evaluation images (e.g. test image {missing[0]}); "
-                        f"re-make it for the same images (same --seed and --limit)")
-    return np.array([position[int(i)] for i in index], dtype=np.int64)
-
-
 def load_protocol_sets(run: Path, attack: str, noise: str, arch: str, dataset: str) -> dict[str, Any]:
     """A (the base attack's set), its A_fit / A_eval positions and the noise versions of A."""
     hint = f"run gen_base_adv.py -a {arch} --dataset {dataset} --attack {attack} first"
     base = aesets.load_ae_set(run / attack, hint=hint)
     noise_set = aesets.load_ae_set(run / noise, hint=f"run extract_features.py -a {arch} --dataset {dataset} "
                                                       f"--attack {attack} first (it makes {noise})")
-    noisy = noise_set["adv"][rows_of(noise_set, base["index"], f"noise set {run / noise}")]
+    noisy = noise_set["adv"][aesets.rows_of(noise_set, base["index"], f"noise set {run / noise}", REMAKE_HINT)]
     fit_pos, eval_pos = protocol.fit_eval_split(len(base["index"]))
     return {"base": base, "noisy": noisy, "fit": fit_pos, "eval": eval_pos}
 

@@ -76,7 +76,7 @@ def feature_picture(path: Path, run: Path, attack: str, results_file: Path, devi
     model, meta = saver.load_model(run, device)
     hfc_set = aesets.load_ae_set(results_file.parent)
     base = aesets.load_ae_set(run / attack)
-    rows = hfc.rows_of(base, hfc_set["index"], "base set")
+    rows = aesets.rows_of(base, hfc_set["index"], "base set", hfc.REMAKE_HINT)
     layer = len(model.layer_names) - 1
     pooled = lambda x: features.extract(model, torch.from_numpy(x), device, progress=False).pooled[layer]  # noqa: E731
     plots.feature_space(path, pooled(hfc_set["clean"]), hfc_set["labels"],
