@@ -856,23 +856,35 @@ def load_detectors(folder: str | Path, names=None) -> dict[str, Detector]:
     return {name: DETECTORS[name].load(folder / folder_name(name)) for name in wanted}
 
 
+def evaluate_rows(detectors: dict[str, Detector], model, benign: FeatureSet, adv_rows: dict[str, FeatureSet],
+                  per_layer: bool = False, progress: bool = False) -> dict[str, dict[str, dict[str, Any]]]:
+    """Score one benign set once, and each named adversarial set, with every detector:
+    {detector: {row: report}}. The report is ``metrics.detection_report`` plus ``score_seconds``
+    (benign and that row) and, with ``per_layer`` for per-layer detectors, ``layer_auc`` {layer
+    name: AUC}. The one scoring path for base and HFC rows."""
+    reports: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, detector in tqdm(detectors.items(), desc="score detectors", disable=not progress, leave=False):
+        layered = per_layer and detector.per_layer
+        score = detector.score_with_layers if layered else (lambda m, f, d=detector: (d.score(m, f), None))
+        start = time.perf_counter()
+        benign_scores, benign_layers = score(model, benign)
+        benign_seconds = time.perf_counter() - start
+        reports[name] = {}
+        for row, adv in adv_rows.items():
+            start = time.perf_counter()
+            adv_scores, adv_layers = score(model, adv)
+            report: dict[str, Any] = {**metrics.detection_report(benign_scores, adv_scores),
+                                      "score_seconds": benign_seconds + time.perf_counter() - start}
+            if layered:
+                report["layer_auc"] = {detector.layer_names[layer]: metrics.roc_auc(benign_layers[:, j],
+                                                                                     adv_layers[:, j])
+                                       for j, layer in enumerate(detector.layers)}
+            reports[name][row] = report
+    return reports
+
+
 def evaluate(detectors: dict[str, Detector], model, benign: FeatureSet, adv: FeatureSet,
              per_layer: bool = False, progress: bool = False) -> dict[str, dict[str, Any]]:
-    """Score benign and adversarial sets with every detector; the report per detector is
-    ``metrics.detection_report`` plus ``score_seconds`` and, with ``per_layer`` for per-layer
-    detectors, ``layer_auc`` {layer name: AUC}. The one scoring path for base and HFC rows."""
-    reports: dict[str, dict[str, Any]] = {}
-    for name, detector in tqdm(detectors.items(), desc="score detectors", disable=not progress, leave=False):
-        start = time.perf_counter()
-        if per_layer and detector.per_layer:
-            benign_scores, benign_layers = detector.score_with_layers(model, benign)
-            adv_scores, adv_layers = detector.score_with_layers(model, adv)
-        else:
-            benign_scores, adv_scores = detector.score(model, benign), detector.score(model, adv)
-        report: dict[str, Any] = {**metrics.detection_report(benign_scores, adv_scores),
-                                  "score_seconds": time.perf_counter() - start}
-        if per_layer and detector.per_layer:
-            report["layer_auc"] = {detector.layer_names[layer]: metrics.roc_auc(benign_layers[:, j], adv_layers[:, j])
-                                   for j, layer in enumerate(detector.layers)}
-        reports[name] = report
-    return reports
+    """``evaluate_rows`` for a single adversarial set: {detector: report}."""
+    rows = evaluate_rows(detectors, model, benign, {"adv": adv}, per_layer, progress)
+    return {name: by_row["adv"] for name, by_row in rows.items()}

@@ -120,18 +120,32 @@ def extract(model, images, device: torch.device | str | None = None, batch_size:
     return FeatureSet(images=images, logits=logits_all, pooled=pooled_all, labels=labels, maps=maps_all)
 
 
+def benign_set(model, clean, noisy, device: torch.device | str | None = None,
+               batch_size: int = DEFAULT_BATCH_SIZE, keep_maps: Sequence[int] = (), progress: bool = True,
+               desc: str = "") -> FeatureSet:
+    """The protocol's benign set for some images of A: the clean, then the noisy versions, each
+    extracted on its own, in the given order."""
+    run = lambda images, what: extract(model, as_image_tensor(images), device, batch_size, progress,  # noqa: E731
+                                       keep_maps=keep_maps, desc=f"{desc}{what} features")
+    return FeatureSet.concat([run(clean, "clean"), run(noisy, "noise")])
+
+
+def adv_set(model, adv, success, device: torch.device | str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+            keep_maps: Sequence[int] = (), progress: bool = True, desc: str = "") -> FeatureSet:
+    """The protocol's adversarial set: the AEs where ``success``, in the given order."""
+    success = torch.from_numpy(np.asarray(success, dtype=bool))
+    return extract(model, as_image_tensor(adv)[success], device, batch_size, progress, keep_maps=keep_maps,
+                   desc=f"{desc}AE features")
+
+
 def benign_and_adv(model, clean, noisy, adv, success, device: torch.device | str | None = None,
                    batch_size: int = DEFAULT_BATCH_SIZE, keep_maps: Sequence[int] = (), progress: bool = True,
                    desc: str = "") -> tuple[FeatureSet, FeatureSet]:
-    """The protocol's two sets for some images of A (PROTOCOL section 6): benign = the clean
-    then the noisy versions, adversarial = the AEs where ``success``. Each set is extracted on
-    its own, in the given order -- call it with the same arrays and batch size and the
-    features (hence every detector score) are bit-identical."""
-    success = np.asarray(success, dtype=bool)
-    run = lambda images, what: extract(model, as_image_tensor(images), device, batch_size, progress,
-                                       keep_maps=keep_maps, desc=f"{desc}{what} features")
-    benign = FeatureSet.concat([run(clean, "clean"), run(noisy, "noise")])
-    return benign, run(as_image_tensor(adv)[torch.from_numpy(success)], "AE")
+    """The protocol's two sets for some images of A (PROTOCOL section 6): ``benign_set`` and
+    ``adv_set``. Call it with the same arrays and batch size and the features (hence every
+    detector score) are bit-identical."""
+    return (benign_set(model, clean, noisy, device, batch_size, keep_maps, progress, desc),
+            adv_set(model, adv, success, device, batch_size, keep_maps, progress, desc))
 
 
 def layer_forward(model, index: int) -> Callable[[torch.Tensor], torch.Tensor]:

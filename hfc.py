@@ -113,20 +113,19 @@ def score_rows(model, fitted: dict[str, detectors.Detector], clean: np.ndarray, 
 
     ``rows`` maps a row name ("base", "hfc", ...) to (AE images, success) of the same images as
     ``clean``. The feature sets are built exactly as ``extract_features.py`` builds them
-    (``features.benign_and_adv``), so a row scored here equals the same row scored there.
+    (``features.benign_set`` and ``features.adv_set``), so a row scored here equals the same row scored there; the
+    benign set is extracted and scored once for all rows.
     Returns ({detector: {row: detection report}}, {row: success rate})."""
     keep_maps = fitted["DNN"].layers if "DNN" in fitted else ()
-    table: dict[str, dict[str, dict]] = {name: {} for name in fitted}
-    success_rates = {}
+    success_rates, adv_rows = {}, {}
     for row, (adv, success) in rows.items():
         success = np.asarray(success, dtype=bool)
         success_rates[row] = float(success.mean()) if len(success) else 0.0
         if success.sum() < 1:
             raise UserError(f"no successful {row} AE among {len(success)} evaluation images: nothing to score")
-        benign, adv_feats = features.benign_and_adv(model, clean, noisy, adv, success, device, batch_size,
-                                                    keep_maps=keep_maps, desc=f"{row}: ")
-        for name, report in detectors.evaluate(fitted, model, benign, adv_feats, progress=True).items():
-            table[name][row] = report
+        adv_rows[row] = features.adv_set(model, adv, success, device, batch_size, keep_maps, desc=f"{row}: ")
+    benign = features.benign_set(model, clean, noisy, device, batch_size, keep_maps)
+    table = detectors.evaluate_rows(fitted, model, benign, adv_rows, progress=True)
     return table, success_rates
 
 
