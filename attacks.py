@@ -39,7 +39,7 @@ CW_KAPPA = 0.0
 
 ALIASES = {"BIM": "I_FGSM"}
 METHODS = ("FGSM", "I_FGSM", "PGD", "MI_FGSM", "DI_FGSM", "TI_FGSM", "CW", "Noise")
-OPTION_NAMES = ("decay", "kappa", "di_prob", "resize_rate", "ti_kernel", "random_start")
+OPTION_NAMES = ("decay", "kappa", "di_prob", "resize_rate", "ti_kernel", "random_start", "keep_successful")
 VALID_FORMS = ("<ATTACK>_Linf_<k> with ATTACK one of FGSM, I_FGSM (alias BIM), PGD, MI_FGSM, "
                "DI_FGSM, TI_FGSM, CW, or Noise_Linf_<k>; k > 0 is the L∞ budget in units of 1/256 "
                "(e.g. I_FGSM_Linf_1, PGD_Linf_0.5, Noise_Linf_2)")
@@ -88,7 +88,8 @@ def parse_attack(name: str) -> AttackSpec:
 # Each method is the engine with some defaults switched; its docstring names the paper, the
 # budget/defaults, and how it differs from torchattacks (the parity tests match these settings).
 _BASE = dict(steps=DEFAULT_STEPS, step_fraction=DEFAULT_STEP_FRACTION, loss="ce", kappa=CW_KAPPA,
-             random_start=False, decay=None, di_prob=0.0, resize_rate=DI_RESIZE_RATE, ti_kernel=0)
+             random_start=False, decay=None, di_prob=0.0, resize_rate=DI_RESIZE_RATE, ti_kernel=0,
+             keep_successful=False)
 
 
 def _fgsm() -> dict:
@@ -163,6 +164,7 @@ class _Config:
     di_prob: float
     resize_rate: float
     ti_kernel: int  # 0: off
+    keep_successful: bool  # an image whose last iterate misses keeps its latest hit
 
 
 def _resolve(spec: AttackSpec, steps: int | None, step_size: float | None, options: dict) -> _Config:
@@ -235,6 +237,8 @@ def _attack_batch(model, x0: torch.Tensor, targets: torch.Tensor, eps: float, cf
         x = x0.clone()
     momentum = None
     reduce_dims = tuple(range(1, x0.dim()))
+    latest_hit, hit_once = (x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)) \
+        if cfg.keep_successful else (None, None)
     for _ in range(cfg.steps):
         x.requires_grad_(True)
         inputs = _diversify(x, cfg.di_prob, cfg.resize_rate, gen) if cfg.di_prob > 0 else x
@@ -242,10 +246,16 @@ def _attack_batch(model, x0: torch.Tensor, targets: torch.Tensor, eps: float, cf
             logits = model(inputs)
             loss = classification_loss(logits, targets, cfg.loss, cfg.kappa)
         else:
-            logits, features = model.forward_features(inputs)
+            # An extra term that names its layers (HFCTerm.layers) gets only those pooled.
+            layers = getattr(extra, "layers", None)
+            logits, features = (model.forward_features(inputs) if layers is None
+                                else model.forward_features(inputs, layers=layers))
             loss = classification_loss(logits, targets, cfg.loss, cfg.kappa) + lam * extra(logits, features, targets)
         (grad,) = torch.autograd.grad(loss, x)
         x = x.detach()
+        if cfg.keep_successful:
+            # The step's own logits are those of x (eval mode), unless input diversity changed x.
+            _record_hits(model, x, logits.detach() if cfg.di_prob == 0 else None, targets, latest_hit, hit_once)
         if kernel is not None:
             grad = F.conv2d(grad, kernel, padding=kernel.shape[-1] // 2, groups=grad.shape[1])
         if cfg.decay is not None:
@@ -256,7 +266,21 @@ def _attack_batch(model, x0: torch.Tensor, targets: torch.Tensor, eps: float, cf
             momentum = grad
         # x - α·sign(g), then the ε-ball and [0, 1] in one clamp (lower/upper hold both).
         x.sub_(torch.sign(grad).mul_(cfg.alpha)).clamp_(min=lower, max=upper)
+    if cfg.keep_successful:
+        with torch.no_grad():
+            fall_back = hit_once & (model(x).argmax(dim=1) != targets)
+        x[fall_back] = latest_hit[fall_back]
     return x
+
+
+@torch.no_grad()
+def _record_hits(model, x, logits, targets, latest_hit, hit_once) -> None:
+    """Copy into ``latest_hit`` the rows of ``x`` classified as their target; mark them in ``hit_once``."""
+    if logits is None:
+        logits = model(x)
+    hit = logits.argmax(dim=1) == targets
+    latest_hit[hit] = x[hit]
+    hit_once |= hit
 
 
 def _model_device(model) -> torch.device:
@@ -274,10 +298,13 @@ def run_attack(model, images: torch.Tensor, targets, spec: AttackSpec, *, extra:
     ``spec`` comes from ``parse_attack``; ``steps`` and ``step_size`` (pixel units, like
     ``spec.eps``) override the method's schedule. ``extra(logits, features, targets)`` is an
     optional batch-averaged scalar added with weight ``lam``; the pooled hierarchical features
-    (``model.forward_features``) are computed only when it is given. Method options override
+    (``model.forward_features``) are computed only when it is given (only the layers listed in
+    ``extra.layers`` if it has that attribute; the others are None). Method options override
     the method's defaults: ``decay`` (momentum; default 1.0 for MI_FGSM, off otherwise),
     ``kappa`` (CW margin, 0), ``di_prob`` (0.5 for DI_FGSM, 0 otherwise), ``resize_rate`` (0.9),
-    ``ti_kernel`` (7 for TI_FGSM, 0 = off), ``random_start`` (True for PGD). The model must be
+    ``ti_kernel`` (7 for TI_FGSM, 0 = off), ``random_start`` (True for PGD), ``keep_successful``
+    (False: the last iterate is returned, as in the reference attacks; True: an image whose last
+    iterate misses its target gets the latest iterate that hit it, if any). The model must be
     on ``device`` (default: the model's device); it runs in eval mode with its parameters'
     ``requires_grad`` off, and both are restored afterwards. success[i]: the model predicts
     targets[i] for adv[i].

@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="step α in units of 1/256 (default: the paper's per data set and arch, "
                              "APTOS/ResNet-50 0.025, CXR/ResNet-50 0.01, ...; elsewhere ε/10)")
     parser.add_argument("--steps", type=int, default=None, help="number of steps T (default: 2ε/α)")
+    parser.add_argument("--last-iterate", action="store_true",
+                        help="return every image's last iterate, as the base attacks do (default: an image "
+                             "whose last iterate misses the target keeps its latest iterate that hit it)")
     parser.add_argument("--limit", type=int, default=None, help="attack only the first N images of A_eval")
     parser.add_argument("-b", "--batch-size", type=int, default=32, help="attack batch size (default: 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
@@ -97,7 +100,7 @@ def main(argv=None) -> dict:
     if len(eval_pos) < 2:
         raise utils.UserError(f"A_eval holds {len(eval_pos)} images; attack more images with gen_base_adv.py")
     attack_kwargs = dict(step_size_256=step_256, steps=steps, seed=args.seed, batch_size=args.batch_size,
-                         device=device)
+                         device=device, keep_successful=not args.last_iterate)
     started = time.perf_counter()
 
     trials = []
@@ -116,7 +119,8 @@ def main(argv=None) -> dict:
     attack_seconds = time.perf_counter() - timer
     out = run / spec.name / f"hfc_M{args.num_component}_lam{lam:.3g}"
     meta = {"attack": spec.name, "hfc": True, "dataset": dataset, "arch": args.arch, "num_component": args.num_component,
-            "lamda": lam, "step_size_256": step_256, "steps": steps, "seed": args.seed, "images_of": "A_eval"}
+            "lamda": lam, "step_size_256": step_256, "steps": steps, "keep_successful": not args.last_iterate,
+            "seed": args.seed, "images_of": "A_eval"}
     aesets.save_ae_set(out, clean=clean, adv=adv, labels=base["labels"][eval_pos], targets=base["targets"][eval_pos],
                        success=success, index=base["index"][eval_pos], eps=spec.eps, meta=meta)
 
@@ -130,6 +134,7 @@ def main(argv=None) -> dict:
         dataset=dataset, arch=args.arch, attack=spec.name, detector_attack=detector_attack,
         epsilon_256=spec.eps_256, n_eval=len(eval_pos), success=success_rates, detectors=table,
         lamda=lam, lamda_trials=trials, num_component=args.num_component, step_size_256=step_256, steps=steps,
+        keep_successful=not args.last_iterate,
         mixture_log_likelihood=loglik, seconds={"choose_lamda": tune_seconds, "attack": attack_seconds,
                                                  "attack_per_image": attack_seconds / len(eval_pos),
                                                  "score": score_seconds})

@@ -46,18 +46,24 @@ def hfc_schedule(dataset: str, arch: str, eps_256: float, step_size_256: float |
 
 def hfc_attack(model, term: gmm.HFCTerm | None, images: torch.Tensor, targets: np.ndarray,
                spec: attacks.AttackSpec, *, lam: float, step_size_256: float, steps: int, seed: int,
-               batch_size: int, device, progress: bool = True, **options) -> tuple[torch.Tensor, torch.Tensor]:
+               batch_size: int, device, progress: bool = True, keep_successful: bool = True,
+               **options) -> tuple[torch.Tensor, torch.Tensor]:
     """The base attack ``spec`` with the HFC ``term`` added with weight λ (λ = 0: the base method
     itself at the HFC schedule; the term is not computed).
 
-    Images are attacked grouped by target class (and returned in the given order): a batch with
-    one target reads one class's mixture parameters, which makes the term about half as costly."""
+    With ``keep_successful`` (the default) an image whose last iterate is pulled back across the
+    decision boundary by the term returns its latest iterate that was classified as the target:
+    the attack's output is the most hidden adversarial example it found, never a miss it had
+    already passed. Images are attacked grouped by target class (and returned in the given
+    order): a batch with one target reads one class's mixture parameters, which makes the term
+    about half as costly."""
     targets = np.asarray(targets, dtype=np.int64)
     order = np.argsort(targets, kind="stable")
     adv, success = attacks.run_attack(model, images[torch.from_numpy(order)], targets[order], spec,
                                       extra=term if lam > 0 else None, lam=lam, steps=steps,
                                       step_size=step_size_256 / 256, seed=seed, batch_size=batch_size,
-                                      device=device, progress=progress, **options)
+                                      device=device, progress=progress, keep_successful=keep_successful,
+                                      **options)
     restore = torch.from_numpy(np.argsort(order))
     return adv[restore], success[restore]
 

@@ -103,10 +103,16 @@ class HierarchicalNet(nn.Module):
         out = self._extractor(x)
         return out["logits"], [out[n] for n in self._nodes]
 
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Logits and the pooled hierarchical features (a spatial mean per channel: N×C each)."""
+    def forward_features(self, x: torch.Tensor, layers=None) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """Logits and the pooled hierarchical features (a spatial mean per channel: N×C each).
+
+        With ``layers`` (indices) only those are pooled and the others are None: an attack's
+        term that reads a few layers then pays nothing for the rest."""
         logits, maps = self.forward_maps(x)
-        return logits, [pooled(m) for m in maps]
+        if layers is None:
+            return logits, [pooled(m) for m in maps]
+        wanted = set(layers)
+        return logits, [pooled(m) if i in wanted else None for i, m in enumerate(maps)]
 
     def stochastic_head(self, feature: torch.Tensor) -> torch.Tensor:
         """Logits from the feature at ``head_input_index`` with every dropout on (for BU)."""

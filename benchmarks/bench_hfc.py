@@ -134,7 +134,7 @@ def main(argv=None) -> dict:
 
     def hfc_step():
         x = x_dev.clone().requires_grad_(True)
-        logits, features = model.forward_features(x)
+        logits, features = model.forward_features(x, layers=term.layers)
         torch.autograd.grad(F.cross_entropy(logits, t_dev) + term(logits, features, t_dev), x)
 
     def term_only():

@@ -173,8 +173,9 @@ def test_model_state_is_eval_during_attack_and_restored_after():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_success_flags_match_predictions_on_a_trained_model():
-    # A small model trained to tell the dominant colour channel; targeted attacks flip it.
+@pytest.fixture(scope="module")
+def colour_model():
+    """A small model trained to tell the dominant colour channel, and its 256 training images."""
     torch.manual_seed(0)
     model = TinyNet(seed=1)
     colour = torch.randint(0, 3, (256,))
@@ -186,6 +187,12 @@ def test_success_flags_match_predictions_on_a_trained_model():
         F.cross_entropy(model(images), colour).backward()
         optimiser.step()
     model.eval()
+    return model, images, colour
+
+
+def test_success_flags_match_predictions_on_a_trained_model(colour_model):
+    # Targeted attacks flip the trained colour model.
+    model, images, colour = colour_model
     with torch.no_grad():
         assert (model(images).argmax(1) == colour).float().mean() > 0.95
     clean, labels = images[:24], colour[:24]
@@ -220,6 +227,30 @@ def test_extra_term_gets_features_only_when_given():
     weighted, _ = run_attack(model, images, targets, spec, extra=extra, lam=100.0, progress=False)
     assert not torch.equal(weighted, plain)
     assert float((weighted - images).abs().max()) <= spec.eps + 1e-6
+
+
+@pytest.mark.parametrize("di_prob", [0.0, 1.0])
+def test_keep_successful_returns_the_latest_hit_when_the_last_iterate_misses(colour_model, di_prob):
+    # An extra term that pushes the target's margin down once it is positive makes the iterates
+    # oscillate around the decision boundary, so some last iterates miss after having hit.
+    model, images, colour = colour_model
+    images, targets = images[:24], (colour[:24] + 1) % 3
+    spec = AttackSpec("I_FGSM", 64.0)
+
+    def repel(logits, features, extra_targets):
+        target_logit = logits.gather(1, extra_targets[:, None]).squeeze(1)
+        others = logits.scatter(1, extra_targets[:, None], float("-inf")).amax(dim=1)
+        return F.relu(target_logit - others).mean()
+
+    kwargs = dict(extra=repel, lam=20.0, steps=15, step_size=spec.eps / 8, di_prob=di_prob, seed=0, progress=False)
+    last, last_success = run_attack(model, images, targets, spec, **kwargs)
+    kept, kept_success = run_attack(model, images, targets, spec, keep_successful=True, **kwargs)
+    with torch.no_grad():
+        assert torch.equal(kept_success, model(kept).argmax(1) == targets)
+    assert bool((kept_success >= last_success).all())
+    assert int(kept_success.sum()) > int(last_success.sum())  # some last iterates missed after a hit
+    assert torch.equal(kept[last_success], last[last_success])  # a successful last iterate is kept as is
+    assert float((kept - images).abs().max()) <= spec.eps + 1e-6 and 0.0 <= float(kept.min()) <= float(kept.max()) <= 1.0
 
 
 def test_cw_margin_loss():

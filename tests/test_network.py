@@ -34,6 +34,13 @@ def test_feature_taps(arch):
     # ReLU outputs are non-negative, and pooled = spatial mean of the map
     assert all((f >= 0).all() for f in feats)
     torch.testing.assert_close(feats[0], maps[0].mean(dim=(2, 3)))
+    # only the requested layers are pooled, with the same values
+    some = [0, len(feats) - 1]
+    with torch.no_grad():
+        _, chosen = model.forward_features(x, layers=some)
+    assert [i for i, f in enumerate(chosen) if f is not None] == some
+    for i in some:
+        torch.testing.assert_close(chosen[i], feats[i])
 
 
 def test_resnet50_taps_are_bottleneck_relus():
