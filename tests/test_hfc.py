@@ -80,6 +80,25 @@ def test_choose_lambda_takes_the_largest_that_succeeds(monkeypatch):
     assert lam == pytest.approx(np.sqrt(1e-5))
 
 
+def test_choose_lambda_falls_back_to_the_base_attacks_success(monkeypatch):
+    # The base attack (λ = 0) hits 8 of 10 images: no λ can reach 95 %, so the largest λ that
+    # matches the base attack is taken; when none matches, the best success.
+    def attack_hitting(rates):
+        def fake_attack(model, term, images, targets, spec, *, lam, **kwargs):
+            hits = int(round(rates(lam) * len(images)))
+            return images, torch.arange(len(images)) < hits
+        return fake_attack
+
+    images = torch.zeros(10, 3, 2, 2)
+    monkeypatch.setattr(hfc, "hfc_attack", attack_hitting(lambda lam: 0.8 if lam <= 0.01 else 0.3))
+    lam, trials = hfc.choose_lambda(None, None, images, np.zeros(10), None, grid=[1, 0.1, 0.01, 0.001],
+                                    min_success=0.95)
+    assert lam == 0.01 and trials[-1]["lamda"] == 0.0 and trials[-1]["fit_success"] == pytest.approx(0.8)
+    monkeypatch.setattr(hfc, "hfc_attack", attack_hitting(lambda lam: {0: 0.9, 1: 0.5}.get(lam, 0.7)))
+    lam, _ = hfc.choose_lambda(None, None, images, np.zeros(10), None, grid=[1, 0.1, 0.01], min_success=0.95)
+    assert lam == 0.1  # the best success, the larger λ of a tie
+
+
 def _eval_images(root: Path, n: int = 12):
     run = root / "runs_synthetic" / "resnet18"
     base = aesets.load_ae_set(run / ATTACK)
