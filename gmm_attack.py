@@ -11,7 +11,8 @@ value (``--lamda-grid``, refined by one geometric midpoint) whose attack still s
 
     python gmm_attack.py -a resnet50 --dataset APTOS --attack I_FGSM_Linf_1 -y 2 --lamda auto
 
-Writes ``runs_<DATASET>/<arch>/<ATTACK>/hfc_M<y>_lam<λ>/``: adv.npz, summary.json,
+Writes ``runs_<DATASET>/<arch>/<ATTACK>/hfc_M<y>_lam<λ>/`` (with ``_a<α>_T<T>`` appended for a
+step schedule other than the default, ``_last`` for ``--last-iterate``): adv.npz, summary.json,
 results.json and results.md.
 """
 from __future__ import annotations
@@ -117,7 +118,9 @@ def main(argv=None) -> dict:
     adv, success = hfc.hfc_attack(model, term, torch.from_numpy(clean), base["targets"][eval_pos], spec,
                                   lam=lam, **attack_kwargs)
     attack_seconds = time.perf_counter() - timer
-    out = run / spec.name / f"hfc_M{args.num_component}_lam{lam:.3g}"
+    variant = hfc.variant_suffix((step_256, steps), hfc.hfc_schedule(dataset, args.arch, spec.eps_256),
+                                 args.last_iterate)
+    out = run / spec.name / hfc.results_folder_name(args.num_component, lam, variant)
     meta = {"attack": spec.name, "hfc": True, "dataset": dataset, "arch": args.arch, "num_component": args.num_component,
             "lamda": lam, "step_size_256": step_256, "steps": steps, "keep_successful": not args.last_iterate,
             "seed": args.seed, "images_of": "A_eval"}

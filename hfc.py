@@ -6,6 +6,7 @@ that turns AE sets of A_eval into the paper's table (PROTOCOL sections 6 and 7).
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,6 +43,31 @@ def hfc_schedule(dataset: str, arch: str, eps_256: float, step_size_256: float |
     if steps < 1:
         raise UserError(f"--steps must be positive, got {steps}")
     return float(step_size_256), int(steps)
+
+
+def results_folder_name(num_component: int, lam: float, variant: str = "") -> str:
+    """``hfc_M<y>_lam<λ>`` plus ``variant`` (see ``variant_suffix``)."""
+    return f"hfc_M{num_component}_lam{lam:.3g}{variant}"
+
+
+def variant_suffix(schedule: tuple[float, int], default_schedule: tuple[float, int],
+                   last_iterate: bool = False) -> str:
+    """"" for the default settings; ``_a<α>_T<T>`` for another step schedule and ``_last`` for
+    ``--last-iterate``, so that runs with other settings never overwrite each other."""
+    suffix = "" if schedule == default_schedule else f"_a{schedule[0]:g}_T{schedule[1]}"
+    return suffix + ("_last" if last_iterate else "")
+
+
+def find_results(folder: Path, num_component: int, lamda: str, variant: str = "") -> Path | None:
+    """The newest ``results.json`` of an HFC run in ``folder`` with these settings (``lamda``:
+    a number, or "auto" for any λ), or None."""
+    pattern = re.compile(rf"hfc_M{num_component}_lam(?P<lam>[0-9.e+-]+){re.escape(variant)}")
+    found = []
+    for path in Path(folder).glob(f"hfc_M{num_component}_lam*/results.json"):
+        match = pattern.fullmatch(path.parent.name)
+        if match and (lamda == "auto" or match["lam"] == f"{float(lamda):.3g}"):
+            found.append(path)
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
 def hfc_attack(model, term: gmm.HFCTerm | None, images: torch.Tensor, targets: np.ndarray,

@@ -64,13 +64,6 @@ def _flags(**values) -> list[str]:
     return out
 
 
-def hfc_results(folder: Path, num_component: int, lamda: str) -> Path | None:
-    """The results.json of an earlier HFC run with these settings, if any."""
-    pattern = f"hfc_M{num_component}_lam{'*' if lamda == 'auto' else f'{float(lamda):.3g}'}"
-    found = sorted(folder.glob(f"{pattern}/results.json"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
-
-
 def feature_picture(path: Path, run: Path, attack: str, results_file: Path, device) -> str:
     """Draw the feature-space picture of the last hierarchical layer for A_eval."""
     model, meta = saver.load_model(run, device)
@@ -112,11 +105,14 @@ def main(argv=None) -> dict:
         common + ["--attack", spec.name]))
     stage("mixtures", (gmm.mixtures_folder(run, args.num_component) / gmm.SUMMARY_NAME).is_file(),
           lambda: get_GMM.main(common + ["-y", str(args.num_component)]))
-    stage("HFC attack", hfc_results(run / spec.name, args.num_component, args.lamda) is not None,
+    default_schedule = hfc.hfc_schedule(dataset, args.arch, spec.eps_256)
+    variant = hfc.variant_suffix(hfc.hfc_schedule(dataset, args.arch, spec.eps_256, args.step_size, args.steps),
+                                 default_schedule)
+    stage("HFC attack", hfc.find_results(run / spec.name, args.num_component, args.lamda, variant) is not None,
           lambda: gmm_attack.main(common + ["--attack", spec.name, "-y", str(args.num_component), "--lamda",
                                             args.lamda] + _flags(step_size=args.step_size, steps=args.steps)))
 
-    results_file = hfc_results(run / spec.name, args.num_component, args.lamda)
+    results_file = hfc.find_results(run / spec.name, args.num_component, args.lamda, variant)
     results = utils.read_json(results_file, "HFC results")
     out = run / "report"
     print("== report")

@@ -99,6 +99,24 @@ def test_choose_lambda_falls_back_to_the_base_attacks_success(monkeypatch):
     assert lam == 0.1  # the best success, the larger λ of a tie
 
 
+def test_results_folders_of_other_settings_do_not_collide(tmp_path):
+    default = hfc.hfc_schedule("APTOS", "resnet50", 1.0)
+    assert hfc.variant_suffix(default, default) == ""
+    assert hfc.variant_suffix((0.05, 40), default) == "_a0.05_T40"
+    assert hfc.variant_suffix(default, default, last_iterate=True) == "_last"
+    names = [hfc.results_folder_name(8, lam, variant) for lam, variant in
+             [(0.01, ""), (0.0316, ""), (0.01, "_a0.05_T40"), (1e-6, "_last")]]
+    assert names == ["hfc_M8_lam0.01", "hfc_M8_lam0.0316", "hfc_M8_lam0.01_a0.05_T40", "hfc_M8_lam1e-06_last"]
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text("{}")
+    assert hfc.find_results(tmp_path, 8, "0.01") == tmp_path / names[0] / "results.json"
+    assert hfc.find_results(tmp_path, 8, "0.01", "_a0.05_T40") == tmp_path / names[2] / "results.json"
+    assert hfc.find_results(tmp_path, 8, "auto", "_last") == tmp_path / names[3] / "results.json"
+    assert hfc.find_results(tmp_path, 8, "auto") in {tmp_path / n / "results.json" for n in names[:2]}
+    assert hfc.find_results(tmp_path, 8, "1") is None and hfc.find_results(tmp_path, 2, "auto") is None
+
+
 def _eval_images(root: Path, n: int = 12):
     run = root / "runs_synthetic" / "resnet18"
     base = aesets.load_ae_set(run / ATTACK)
