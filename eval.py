@@ -36,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--hfc", nargs="*", default=None,
                         help="HFC set folders under the attack's folder (default: every hfc_* there)")
     parser.add_argument("--format", default="text", choices=FORMATS, help="output format (default: text)")
+    parser.add_argument("--per-layer", action="store_true",
+                        help="also print the AUC of each layer's score for the per-layer detectors "
+                             "(KD, LID, MAHA, DNN)")
     parser.add_argument("-b", "--batch-size", type=int, default=32, help="forward batch size (default: 32)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     return parser.parse_args(argv)
@@ -77,6 +80,8 @@ def main(argv=None) -> list[dict]:
         else:
             print(f"[{folder}]")
             print(report.format_table(results, args.format))
+            if args.per_layer:
+                print(report.format_layer_table(results, args.format))
     return all_results
 
 

@@ -142,7 +142,7 @@ def main(argv=None) -> dict:
                                                  "attack_per_image": attack_seconds / len(eval_pos),
                                                  "score": score_seconds})
     utils.write_json(out / "results.json", results)
-    markdown = report.format_table(results, "md")
+    markdown = report.format_table(results, "md") + "\n" + report.format_layer_table(results, "md")
     utils.atomic_write_bytes(out / "results.md", markdown.encode())
     print(report.format_table(results, "text"))
     print(f"HFC: λ = {lam:.3g}, M = {args.num_component}, α = {step_256:g}/256, T = {steps}; "

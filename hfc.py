@@ -160,7 +160,8 @@ def score_rows(model, fitted: dict[str, detectors.Detector], clean: np.ndarray, 
     ``clean``. The feature sets are built exactly as ``extract_features.py`` builds them
     (``features.benign_set`` and ``features.adv_set``), so a row scored here equals the same row scored there; the
     benign set is extracted and scored once for all rows.
-    Returns ({detector: {row: detection report}}, {row: success rate})."""
+    Returns ({detector: {row: detection report}}, {row: success rate}); the reports of the
+    per-layer detectors (KD, LID, MAHA, DNN) carry ``layer_auc`` {layer name: AUC of that layer's score}."""
     keep_maps = fitted["DNN"].layers if "DNN" in fitted else ()
     success_rates, adv_rows = {}, {}
     for row, (adv, success) in rows.items():
@@ -170,7 +171,8 @@ def score_rows(model, fitted: dict[str, detectors.Detector], clean: np.ndarray, 
             raise UserError(f"no successful {row} AE among {len(success)} evaluation images: nothing to score")
         adv_rows[row] = features.adv_set(model, adv, success, device, batch_size, keep_maps, desc=f"{row}: ")
     benign = features.benign_set(model, clean, noisy, device, batch_size, keep_maps)
-    table = detectors.evaluate_rows(fitted, model, benign, adv_rows, progress=True)
+    # Per-layer AUCs cost nothing more (the combined score is made from the layer scores).
+    table = detectors.evaluate_rows(fitted, model, benign, adv_rows, per_layer=True, progress=True)
     return table, success_rates
 
 

@@ -166,8 +166,15 @@ def test_gmm_attack_eval_and_reproduce_end_to_end(pipeline, monkeypatch):
 
     # eval.py scores the saved sets again with the same code path: identical numbers
     [again] = eval_script.main(["-a", "resnet18", "--dataset", "synthetic", "--attack", ATTACK, "--device", "cpu",
-                                "--format", "csv"])
+                                "--format", "csv", "--per-layer"])
     assert again["detectors"] == results["detectors"] and again["success"] == results["success"]
+    # the per-layer detectors report every layer's AUC, for both rows
+    for name in ("KD", "LID", "MAHA", "DNN"):
+        for row in ("base", "hfc"):
+            layer_auc = results["detectors"][name][row]["layer_auc"]
+            assert layer_auc and all(0.0 <= v <= 1.0 for v in layer_auc.values())
+    assert "layer_auc" not in results["detectors"]["SVM"]["hfc"]
+    assert "MAHA: AUC of each layer's score" in (folder / "results.md").read_text()
 
     # reproduce.py finds every artifact, skips every stage and writes the report
     summary = reproduce.main(["-a", "resnet18", "--attack", ATTACK, "-y", "2", "--device", "cpu"])
@@ -203,3 +210,8 @@ def test_report_formats():
     csv_text = report.format_table(results, "csv")
     assert csv_text.splitlines()[0] == "detector,base AUC,base TNR@90,hfc AUC,hfc TNR@90"
     assert "success" in report.format_table(results, "text")
+    assert report.format_layer_table(results, "md") == ""
+    results["detectors"]["MAHA"]["base"]["layer_auc"] = {"layer1": 0.9, "layer4": 1.0}
+    results["detectors"]["MAHA"]["hfc"]["layer_auc"] = {"layer1": 0.3, "layer4": 0.6}
+    layers = report.format_layer_table(results, "md")
+    assert "| layer4 | 1.000 | 0.600 |" in layers and "| combined | 1.000 | 0.200 |" in layers
