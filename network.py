@@ -139,9 +139,27 @@ class HierarchicalNet(nn.Module):
         return self._family.load_imagenet_state(self.backbone.net, state)
 
 
+class _GlobalMean(torch.autograd.Function):
+    """The spatial mean whose backward hands back a broadcast view of grad/(h·w) instead of a
+    materialised N×C×h×w tensor: autograd then adds it into the map's gradient in one pass.
+    (An attack's term on many taps otherwise writes and reads every tap's size twice more.)"""
+
+    @staticmethod
+    def forward(ctx, feature_map):
+        ctx.shape = feature_map.shape
+        return feature_map.mean(dim=(2, 3))
+
+    @staticmethod
+    def backward(ctx, grad):
+        height, width = ctx.shape[2:]
+        return (grad / (height * width))[:, :, None, None].expand(ctx.shape)
+
+
 def pooled(feature_map: torch.Tensor) -> torch.Tensor:
     """Global average pooling of a conv map (N×C×h×w -> N×C); FC features pass unchanged."""
-    return feature_map.mean(dim=(2, 3)) if feature_map.dim() == 4 else feature_map
+    if feature_map.dim() != 4:
+        return feature_map
+    return _GlobalMean.apply(feature_map) if feature_map.requires_grad else feature_map.mean(dim=(2, 3))
 
 
 def build_model(arch: str, num_classes: int, pretrained: str | None = None) -> HierarchicalNet:

@@ -34,6 +34,12 @@ def test_feature_taps(arch):
     # ReLU outputs are non-negative, and pooled = spatial mean of the map
     assert all((f >= 0).all() for f in feats)
     torch.testing.assert_close(feats[0], maps[0].mean(dim=(2, 3)))
+    # pooling's gradient is the mean's: grad/(h·w) everywhere
+    fmap = maps[0].clone().requires_grad_(True)
+    weights = torch.randn(2, fmap.shape[1])
+    (grad,) = torch.autograd.grad((network.pooled(fmap) * weights).sum(), fmap)
+    (expected,) = torch.autograd.grad((fmap.mean(dim=(2, 3)) * weights).sum(), fmap)
+    torch.testing.assert_close(grad, expected)
     # only the requested layers are pooled, with the same values
     some = [0, len(feats) - 1]
     with torch.no_grad():
