@@ -26,10 +26,7 @@ FORMATS = ("text", "md", "csv", "json")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-a", "--arch", default="resnet50", help="model architecture (default: resnet50)")
-    parser.add_argument("-n", "--name", default=None, help="run name under runs_<DATASET>/ (default: the arch)")
-    parser.add_argument("--dataset", default="synthetic", help="APTOS, CXR or synthetic (default: synthetic)")
+    parser = utils.stage_parser(__doc__)
     parser.add_argument("--attack", default="I_FGSM_Linf_1", help="base attack (default: I_FGSM_Linf_1)")
     parser.add_argument("--detector", default=None, help="attack whose fitted detectors score (default: --attack)")
     parser.add_argument("--noise", default="Noise_Linf_2", help="benign noisy set (default: Noise_Linf_2)")

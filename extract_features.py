@@ -31,10 +31,7 @@ from features import FeatureSet
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-a", "--arch", default="resnet50", help="model architecture (default: resnet50)")
-    parser.add_argument("-n", "--name", default=None, help="run name under runs_<DATASET>/ (default: the arch)")
-    parser.add_argument("--dataset", default="synthetic", help="APTOS, CXR or synthetic (default: synthetic)")
+    parser = utils.stage_parser(__doc__)
     parser.add_argument("--attack", default="I_FGSM_Linf_1",
                         help="base attack whose AEs train the detectors (default: I_FGSM_Linf_1)")
     parser.add_argument("--noise", default="Noise_Linf_2",
@@ -45,9 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="training images (seeded random subset) for the class statistics of KD and "
                              "MAHA and LID's reference batch; 0 = all (default: 1000)")
     parser.add_argument("-b", "--batch-size", type=int, default=32, help="forward-pass batch size (default: 32)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for every random choice (default: 0)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    utils.add_runtime_flags(parser, seed_help="seed for every random choice")
     options = parser.add_argument_group("detector settings")
     options.add_argument("--kd-bandwidth", type=float, default=1.0, help="KD (and KD+BU) bandwidth (default: 1.0)")
     options.add_argument("--bu-passes", type=int, default=50, help="BU dropout passes T (default: 50)")

@@ -25,18 +25,13 @@ import utils
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-a", "--arch", default="resnet50", help="model architecture (default: resnet50)")
-    parser.add_argument("-n", "--name", default=None, help="run name under runs_<DATASET>/ (default: the arch)")
-    parser.add_argument("--dataset", default="synthetic", help="APTOS, CXR or synthetic (default: synthetic)")
+    parser = utils.stage_parser(__doc__)
     parser.add_argument("--data-root", default=None,
                         help="recorded only; the images come from the run's saved split")
     parser.add_argument("--attack", default="I_FGSM_Linf_1",
                         help="<ATTACK>_Linf_<k> (ε = k/256) or Noise_Linf_<k> (default: I_FGSM_Linf_1)")
     parser.add_argument("-b", "--batch-size", type=int, default=32, help="attack batch size (default: 32)")
-    parser.add_argument("--seed", type=int, default=0, help="order of A, targets, random starts (default: 0)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    utils.add_runtime_flags(parser, seed_help="order of A, targets, random starts")
     parser.add_argument("--limit", type=int, default=None, help="attack only the first N images of A")
     parser.add_argument("--steps", type=int, default=None, help="number of steps (default: 10; FGSM 1)")
     parser.add_argument("--step-size", type=float, default=None,

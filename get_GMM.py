@@ -24,10 +24,7 @@ import saver
 import utils
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-a", "--arch", default="resnet50", help="model architecture (default: resnet50)")
-    parser.add_argument("-n", "--name", default=None, help="run name under runs_<DATASET>/ (default: the arch)")
-    parser.add_argument("--dataset", default="synthetic", help="APTOS, CXR or synthetic (default: synthetic)")
+    parser = utils.stage_parser(__doc__)
     parser.add_argument("-y", "--num-component", type=int, default=gmm.DEFAULT_NUM_COMPONENTS,
                         help=f"components M per mixture (default: {gmm.DEFAULT_NUM_COMPONENTS}; the paper's README "
                              "uses 64). 8 because a CPU-scale training set has a few hundred images per "

@@ -33,10 +33,7 @@ import utils
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-a", "--arch", default="resnet50", help="model architecture (default: resnet50)")
-    parser.add_argument("-n", "--name", default=None, help="run name under runs_<DATASET>/ (default: the arch)")
-    parser.add_argument("--dataset", default="synthetic", help="APTOS, CXR or synthetic (default: synthetic)")
+    parser = utils.stage_parser(__doc__)
     parser.add_argument("--attack", default="I_FGSM_Linf_1",
                         help="base attack to augment with HFC; its AE set defines A (default: I_FGSM_Linf_1)")
     parser.add_argument("--detector", default=None,
@@ -61,9 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "whose last iterate misses the target keeps its latest iterate that hit it)")
     parser.add_argument("--limit", type=int, default=None, help="attack only the first N images of A_eval")
     parser.add_argument("-b", "--batch-size", type=int, default=32, help="attack batch size (default: 32)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    utils.add_runtime_flags(parser)
     return parser.parse_args(argv)
 
 

@@ -1,6 +1,8 @@
 """Small shared helpers: errors for the CLI, devices, seeds, run directories, atomic I/O."""
 from __future__ import annotations
 
+import argparse
+
 import json
 import os
 import random
@@ -157,3 +159,19 @@ def prepare_runtime(device_flag: str | None, seed: int, threads: int | None = No
         torch.backends.cudnn.benchmark = False
     set_seed(seed)
     return device
+
+
+def stage_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A stage script's parser, with the flags that locate its run: ``-a``, ``-n``, ``--dataset``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-a", "--arch", default="resnet50", help="model architecture (default: resnet50)")
+    parser.add_argument("-n", "--name", default=None, help="run name under runs_<DATASET>/ (default: the arch)")
+    parser.add_argument("--dataset", default="synthetic", help="APTOS, CXR or synthetic (default: synthetic)")
+    return parser
+
+
+def add_runtime_flags(parser: argparse.ArgumentParser, seed_help: str = "seed of every random choice") -> None:
+    """``--seed``, ``--device`` and ``--threads`` (see ``prepare_runtime``)."""
+    parser.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default: 0)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
