@@ -38,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(KD, LID, MAHA, DNN)")
     parser.add_argument("-b", "--batch-size", type=int, default=32, help="forward batch size (default: 32)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     return parser.parse_args(argv)
 
 
@@ -46,7 +47,7 @@ def main(argv=None) -> list[dict]:
     spec = attacks.parse_attack(args.attack)
     detector_attack = attacks.parse_attack(args.detector or args.attack).name
     dataset = utils.canonical_dataset(args.dataset)
-    device = utils.get_device(args.device)
+    device = utils.prepare_runtime(args.device, seed=0, threads=args.threads)
     run = utils.run_dir(dataset, args.arch, args.name)
     model, _ = saver.load_model(run, device, arch=args.arch)
     sets = hfc.load_protocol_sets(run, spec.name, args.noise, args.arch, dataset)
