@@ -64,7 +64,7 @@ def main(argv=None) -> list[dict]:
         base_rows = aesets.rows_of(base, hfc_set["index"], f"base set {run / spec.name}", hfc.REMAKE_HINT)
         rows = {"base": (base["adv"][base_rows], base["success"][base_rows]),
                 "hfc": (hfc_set["adv"], hfc_set["success"])}
-        table, success = hfc.score_rows(model, fitted, hfc_set["clean"], sets["noisy"][base_rows], rows,
+        table, success, _ = hfc.score_rows(model, fitted, hfc_set["clean"], sets["noisy"][base_rows], rows,
                                         device=device, batch_size=args.batch_size)
         meta = hfc_set.get("meta") or {}
         results = report.results_dict(

@@ -124,10 +124,11 @@ def main(argv=None) -> dict:
 
     timer = time.perf_counter()
     rows = {"base": (base["adv"][eval_pos], base["success"][eval_pos]), "hfc": (adv.numpy(), success.numpy())}
-    table, success_rates = hfc.score_rows(model, fitted, clean, sets["noisy"][eval_pos], rows, device=device,
-                                         batch_size=args.batch_size)
+    table, success_rates, adv_features = hfc.score_rows(model, fitted, clean, sets["noisy"][eval_pos], rows,
+                                                       device=device, batch_size=args.batch_size)
     score_seconds = time.perf_counter() - timer
-    loglik = hfc.mixture_log_likelihood(model, mixtures, rows, base["targets"][eval_pos], device)
+    loglik = hfc.mixture_log_likelihood(model, mixtures, rows, base["targets"][eval_pos], device,
+                                        extracted=adv_features)
     results = report.results_dict(
         dataset=dataset, arch=args.arch, attack=spec.name, detector_attack=detector_attack,
         epsilon_256=spec.eps_256, n_eval=len(eval_pos), success=success_rates, detectors=table,

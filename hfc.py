@@ -104,8 +104,9 @@ def choose_lambda(model, term: gmm.HFCTerm, images: torch.Tensor, targets: np.nd
     with ``refine``, the geometric midpoint between that value and the failed one above it is
     tried too. When no value succeeds, the base attack (λ = 0) is run on the same images and the
     largest λ that does as well as it is taken (a base attack below ``min_success`` cannot be
-    beaten by adding a constraint). The term's scale depends on the data (a mixture fitted on a few hundred samples
-    in hundreds of dimensions has very large precisions off the data), hence a grid over decades.
+    beaten by adding a constraint). The term's scale depends on the data (a mixture fitted on a
+    few hundred samples in hundreds of dimensions has very large precisions off the data), hence
+    a grid over decades.
     """
     trials: list[dict] = []
 
@@ -153,15 +154,16 @@ def load_protocol_sets(run: Path, attack: str, noise: str, arch: str, dataset: s
 
 def score_rows(model, fitted: dict[str, detectors.Detector], clean: np.ndarray, noisy: np.ndarray,
                rows: dict[str, tuple[np.ndarray, np.ndarray]], *, device, batch_size: int = 32
-               ) -> tuple[dict[str, dict[str, dict]], dict[str, float]]:
+               ) -> tuple[dict[str, dict[str, dict]], dict[str, float], dict[str, features.FeatureSet]]:
     """Score benign (clean + noisy) against each row's successful AEs with every detector.
 
     ``rows`` maps a row name ("base", "hfc", ...) to (AE images, success) of the same images as
     ``clean``. The feature sets are built exactly as ``extract_features.py`` builds them
     (``features.benign_set`` and ``features.adv_set``), so a row scored here equals the same row scored there; the
     benign set is extracted and scored once for all rows.
-    Returns ({detector: {row: detection report}}, {row: success rate}); the reports of the
-    per-layer detectors (KD, LID, MAHA, DNN) carry ``layer_auc`` {layer name: AUC of that layer's score}."""
+    Returns ({detector: {row: detection report}}, {row: success rate}, {row: features of its
+    successful AEs}); the reports of the per-layer detectors (KD, LID, MAHA, DNN) carry
+    ``layer_auc`` {layer name: AUC of that layer's score}."""
     keep_maps = fitted["DNN"].layers if "DNN" in fitted else ()
     success_rates, adv_rows = {}, {}
     for row, (adv, success) in rows.items():
@@ -173,21 +175,26 @@ def score_rows(model, fitted: dict[str, detectors.Detector], clean: np.ndarray, 
     benign = features.benign_set(model, clean, noisy, device, batch_size, keep_maps)
     # Per-layer AUCs cost nothing more (the combined score is made from the layer scores).
     table = detectors.evaluate_rows(fitted, model, benign, adv_rows, per_layer=True, progress=True)
-    return table, success_rates
+    return table, success_rates, adv_rows
 
 
 @torch.no_grad()
 def mixture_log_likelihood(model, mixtures: gmm.Mixtures, rows: dict[str, tuple[np.ndarray, np.ndarray]],
-                           targets: np.ndarray, device, batch_size: int = 64) -> dict[str, float]:
+                           targets: np.ndarray, device, batch_size: int = 64,
+                           extracted: dict[str, features.FeatureSet] | None = None) -> dict[str, float]:
     """Per row, the mean over successful AEs and kept layers of the target class's mixture
-    log-likelihood of the AE's pooled features: how typical of the target class they look."""
+    log-likelihood of the AE's pooled features: how typical of the target class they look.
+    ``extracted`` (as ``score_rows`` returns it) holds rows whose successful AEs' features are
+    already extracted."""
     out = {}
     for row, (adv, success) in rows.items():
         success = np.asarray(success, dtype=bool)
         if not success.any():
             out[row] = float("nan")
             continue
-        feats = features.extract(model, torch.from_numpy(adv[success]), device, batch_size, progress=False)
+        feats = (extracted or {}).get(row)
+        if feats is None:
+            feats = features.extract(model, torch.from_numpy(adv[success]), device, batch_size, progress=False)
         t = np.asarray(targets)[success]
         per_layer = []
         for layer in mixtures.layers:
