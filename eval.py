@@ -65,7 +65,7 @@ def main(argv=None) -> list[dict]:
         rows = {"base": (base["adv"][base_rows], base["success"][base_rows]),
                 "hfc": (hfc_set["adv"], hfc_set["success"])}
         table, success, _ = hfc.score_rows(model, fitted, hfc_set["clean"], sets["noisy"][base_rows], rows,
-                                        device=device, batch_size=args.batch_size)
+                                           device=device, batch_size=args.batch_size)
         meta = hfc_set.get("meta") or {}
         results = report.results_dict(
             dataset=dataset, arch=args.arch, attack=spec.name, detector_attack=detector_attack,

@@ -111,7 +111,8 @@ def choose_lambda(model, term: gmm.HFCTerm, images: torch.Tensor, targets: np.nd
     trials: list[dict] = []
 
     def succeeds(lam: float) -> bool:
-        _, success = hfc_attack(model, term, images, targets, spec, lam=lam, progress=False, **attack_kwargs)
+        # A trial on real images takes minutes: its progress bar shows (and clears after).
+        _, success = hfc_attack(model, term, images, targets, spec, lam=lam, progress=True, **attack_kwargs)
         rate = float(success.float().mean())
         trials.append({"lamda": lam, "fit_success": rate, "images": len(images)})
         print(f"  λ = {lam:.3g}: success {rate:.3f} on {len(images)} A_fit images")
@@ -194,7 +195,7 @@ def mixture_log_likelihood(model, mixtures: gmm.Mixtures, rows: dict[str, tuple[
             continue
         feats = (extracted or {}).get(row)
         if feats is None:
-            feats = features.extract(model, torch.from_numpy(adv[success]), device, batch_size, progress=False)
+            feats = features.adv_set(model, adv, success, device, batch_size, progress=False)
         t = np.asarray(targets)[success]
         per_layer = []
         for layer in mixtures.layers:
