@@ -3,7 +3,7 @@
 ``adv.npz`` holds float32 ``clean`` and ``adv`` (N×3×H×W in [0, 1], the same order), int64
 ``labels``, ``targets`` and ``index`` (positions in the run's test part; the order defines the
 protocol's set A) and bool ``success``. Every save and every load checks the invariants of
-PROTOCOL section 5 (L∞ ≤ ε, values in [0, 1], consistent shapes); a violation is an error.
+docs/PROTOCOL.md §5 (L∞ ≤ ε, values in [0, 1], consistent shapes); a violation is an error.
 """
 from __future__ import annotations
 

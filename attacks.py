@@ -1,4 +1,4 @@
-"""One targeted L∞ attack engine for every attack, base or adaptive (PROTOCOL sections 2 and 5).
+"""One targeted L∞ attack engine for every attack, base or adaptive (docs/PROTOCOL.md §§2 and 5).
 
 Every attack minimises ``classification_loss(logits, target) + lam * extra(logits, features,
 targets)`` with signed steps ``x <- clip_[0,1](Π_ε(x - α·sign(g)))``. The methods differ only in

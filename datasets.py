@@ -1,6 +1,6 @@
 """Data sets (APTOS, CXR, synthetic), the seeded train/val/test split, and the decode cache.
 
-PROTOCOL section 3. ``prepare_split`` decides which images go into which part and
+docs/PROTOCOL.md §3. ``prepare_split`` decides which images go into which part and
 ``write_split`` saves that decision as ``split.json`` in the run directory; every later stage
 calls ``load_part(run_dir, part)`` and so sees exactly the same images at the same size.
 Decoding and resizing happen once: the resized uint8 images are cached in ``.cache/`` (or

@@ -1,4 +1,4 @@
-"""The seven feature-space detectors behind one interface (PROTOCOL section 6).
+"""The seven feature-space detectors behind one interface (docs/PROTOCOL.md §6).
 
 Every detector has the same contract:
 
@@ -433,7 +433,7 @@ class LID(LayerDetector):
     scored against the same clean batch by the same code, and no scored (test) image can be
     in it -- a sample is never its own neighbour. (Ma et al. draw a fresh clean minibatch per
     test minibatch, containing the clean sample itself; the HFC code's batch of 10 silently
-    made k = 9 -- PROTOCOL section 8.) Defaults: k = 20, batch 100, all layers.
+    made k = 9 -- docs/PROTOCOL.md §8.) Defaults: k = 20, batch 100, all layers.
     """
 
     name = "LID"
@@ -520,7 +520,7 @@ class MAHA(LayerDetector):
     ½·Mahalanobis² distance over classes (the negated Gaussian score of Lee et al.). Input
     pre-processing (magnitude m, default 0.0005 in [0, 1] pixel units): x' = x − m·sign(∇_x d),
     with d the distance to the closest class mean, i.e. the step that *decreases* the distance
-    (as Lee et al.; the HFC code increases it -- PROTOCOL section 8), then the layer is
+    (as Lee et al.; the HFC code increases it -- docs/PROTOCOL.md §8), then the layer is
     re-scored on x' (not clipped, as Lee et al.). Logistic regression over the layers, fitted on
     A_fit. Default layers: ``"stages"`` -- the last tap of each stage, where Lee et al. take
     their features (ResNet-50: 4 taps; VGG: 5 conv taps + the FC features); ``"all"`` or indices
@@ -606,7 +606,7 @@ class MAHA(LayerDetector):
 # --------------------------------------------------------------------------- SVM
 class SVM(Detector):
     """RBF support vector machine on the z-scored last pooled feature (the HFC papers' SVM
-    baseline, PROTOCOL section 6), trained on A_fit benign vs. AEs with scikit-learn's SVC
+    baseline, docs/PROTOCOL.md §6), trained on A_fit benign vs. AEs with scikit-learn's SVC
     (C = 1, gamma = "scale"); score = the SVM decision value, computed here from the saved
     support vectors, dual coefficients, intercept and gamma."""
 

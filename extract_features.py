@@ -1,4 +1,4 @@
-"""Fit the feature-space detectors on a base attack's AEs and report them (PROTOCOL section 6).
+"""Fit the feature-space detectors on a base attack's AEs and report them (docs/PROTOCOL.md §6).
 
 A = the attack set's images in their saved order, split 70/30 into A_fit and A_eval
 (``protocol.fit_eval_split``). Benign = the clean and the ``--noise`` versions of those images

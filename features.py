@@ -141,7 +141,7 @@ def adv_set(model, adv, success, device: torch.device | str | None = None, batch
 def benign_and_adv(model, clean, noisy, adv, success, device: torch.device | str | None = None,
                    batch_size: int = DEFAULT_BATCH_SIZE, keep_maps: Sequence[int] = (), progress: bool = True,
                    desc: str = "") -> tuple[FeatureSet, FeatureSet]:
-    """The protocol's two sets for some images of A (PROTOCOL section 6): ``benign_set`` and
+    """The protocol's two sets for some images of A (docs/PROTOCOL.md §6): ``benign_set`` and
     ``adv_set``. Call it with the same arrays and batch size and the features (hence every
     detector score) are bit-identical."""
     return (benign_set(model, clean, noisy, device, batch_size, keep_maps, progress, desc),

@@ -1,4 +1,4 @@
-"""Generate a base adversarial (or noisy) set for a trained run (PROTOCOL sections 5 and 6).
+"""Generate a base adversarial (or noisy) set for a trained run (docs/PROTOCOL.md §§5 and 6).
 
 Loads ``runs_<DATASET>/<name or arch>/checkpoint.pt`` and the saved test split, keeps the
 correctly classified test images in the seeded order that defines the protocol's set A, sets the

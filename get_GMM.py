@@ -1,4 +1,4 @@
-"""Fit the per-layer, per-class Gaussian mixtures that the HFC term uses (PROTOCOL section 7).
+"""Fit the per-layer, per-class Gaussian mixtures that the HFC term uses (docs/PROTOCOL.md §7).
 
 Loads ``runs_<DATASET>/<name or arch>/checkpoint.pt`` and the run's training images, extracts the
 pooled hierarchical features once, and fits for every class and every conv layer with at most

@@ -1,4 +1,4 @@
-"""Per-layer, per-class Gaussian mixtures of the pooled features, and the HFC term (PROTOCOL §7).
+"""Per-layer, per-class Gaussian mixtures of the pooled features, and the HFC term (docs/PROTOCOL.md §7).
 
 For every class c and every kept hierarchical conv layer l, a full-covariance Gaussian mixture is
 fitted to the pooled training features of class c at layer l (scikit-learn's
@@ -409,7 +409,7 @@ class _ChosenQuadratic(torch.autograd.Function):
 
 
 class HFCTerm(nn.Module):
-    """The hierarchical feature constraint (Yao et al., MICCAI 2021; PROTOCOL §7) as an ``extra``.
+    """The hierarchical feature constraint (Yao et al., MICCAI 2021; docs/PROTOCOL.md §7) as an ``extra``.
 
     ``term(logits, features, targets)``: for each kept layer l and each sample with target t, the
     component k* of t's mixture with the highest score

@@ -1,8 +1,8 @@
 """The HFC attack: a base attack plus the hierarchical feature constraint, scored by the detectors.
 
-For the evaluation part A_eval of the protocol's set A (the base attack's images, PROTOCOL
-section 6), run the same engine as the base attack with the HFC term of the target class's
-mixtures added (PROTOCOL section 7; CW keeps its margin loss), save the HFC AEs (checked like
+For the evaluation part A_eval of the protocol's set A (the base attack's images, docs/PROTOCOL.md
+§6), run the same engine as the base attack with the HFC term of the target class's
+mixtures added (docs/PROTOCOL.md §7; CW keeps its margin loss), save the HFC AEs (checked like
 every AE set), and print the paper's table: per detector AUC and TNR@90 for the base AEs and for
 the HFC AEs of the same images, and both success rates. λ is the paper's 1 by default; with
 ``--lamda auto`` it is chosen on A_fit images only (never on the evaluation images): the largest

@@ -1,5 +1,5 @@
 """The HFC stage as a library: step schedule, the choice of λ on A_fit, and the one scoring path
-that turns AE sets of A_eval into the paper's table (PROTOCOL sections 6 and 7).
+that turns AE sets of A_eval into the paper's table (docs/PROTOCOL.md §§6 and 7).
 
 ``gmm_attack.py`` (attack, then score) and ``eval.py`` (score saved sets) both call
 ``score_rows``, so the "base" and "HFC" rows always come from the same code.
@@ -21,7 +21,7 @@ import gmm
 import protocol
 from utils import UserError
 
-# The HFC code's fixed step α in units of 1/256 (PROTOCOL section 7), keyed by (data set, arch).
+# The HFC code's fixed step α in units of 1/256 (docs/PROTOCOL.md §7), keyed by (data set, arch).
 PAPER_STEP_256 = {("APTOS", "resnet50"): 0.025, ("APTOS", "vgg16"): 0.1,
                   ("CXR", "resnet50"): 0.01, ("CXR", "vgg16"): 0.04}
 # Elsewhere (the synthetic set, the small CPU archs): ε/10 per step, i.e. T = 20.

@@ -1,4 +1,4 @@
-"""Detection metrics (PROTOCOL section 6): the one place they are computed.
+"""Detection metrics (docs/PROTOCOL.md §6): the one place they are computed.
 
 Convention: a detector score is higher for "more adversarial"; a sample is *flagged* when its
 score is strictly above a threshold t, so a benign sample *passes* when its score is <= t.

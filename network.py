@@ -1,7 +1,7 @@
 """One interface for every classifier: logits, pooled hierarchical features, feature maps.
 
 Inputs are images in [0, 1]; ImageNet normalisation is the first module inside the model, so
-attacks and budgets live in pixel space (PROTOCOL section 2). The hierarchical features are
+attacks and budgets live in pixel space (docs/PROTOCOL.md §2). The hierarchical features are
 read with torchvision's feature-extraction utility (graph-node names are unique, whereas a
 forward hook on ResNet's shared ReLU module would fire three times per block).
 """

@@ -1,4 +1,4 @@
-"""The evaluation protocol shared by every stage (PROTOCOL section 6).
+"""The evaluation protocol shared by every stage (docs/PROTOCOL.md §6).
 
 A = the correctly classified test images in a seeded order (fixed by ``gen_base_adv.py`` and
 saved with every AE set). The first 70% of A is A_fit, the rest A_eval: detectors are fitted on

@@ -2,7 +2,7 @@
 
 The hierarchical features of a ResNet are the ReLU outputs inside every residual block
 (ResNet-50: 3 per bottleneck x 16 bottlenecks = 48) plus the globally pooled vector
-(PROTOCOL section 4). Their graph-node names are picked in ``network.py``.
+(docs/PROTOCOL.md §4). Their graph-node names are picked in ``network.py``.
 """
 from __future__ import annotations
 

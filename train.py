@@ -6,7 +6,7 @@
 Writes runs_<DATASET>/<name>/{split.json, checkpoint.pt, train_summary.json}. The checkpoint
 holds the weights that did best on the validation split (carved from train; test is only
 evaluated once, at the end). Adam (weight decay 1e-4), learning rate halved on a plateau of the
-validation loss, random flips during training only (PROTOCOL section 4).
+validation loss, random flips during training only (docs/PROTOCOL.md §4).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """VGG family from torchvision's definitions.
 
 Hierarchical features: the 13 conv ReLUs of VGG-16 plus the 2 ReLUs of its fully connected
-layers = 15 (PROTOCOL section 4). VGG keeps its own dropouts in the classifier.
+layers = 15 (docs/PROTOCOL.md §4). VGG keeps its own dropouts in the classifier.
 """
 from __future__ import annotations
 
