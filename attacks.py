@@ -6,6 +6,16 @@ pluggable parts: the classification loss (cross-entropy, or the CW margin), a ra
 (PGD), momentum (MI), input diversity (DI) and gradient smoothing (TI). HFC and the competing
 adaptive attacks plug in through ``extra``, so "base" and "base + extra" differ by the loss only.
 
+The classification loss is an option of every method (``loss="ce"`` or ``"cw"``; CW defaults to
+"cw", the others to "ce"). The clamped CW margin max(max_{j≠t} z_j - z_t, -κ) has zero gradient
+once a sample is classified as its target with a lead above κ: beyond that point an ``extra``
+term alone drives the step, and as soon as the term pulls the sample back within κ of the
+boundary the margin's gradient returns. Cross-entropy instead keeps a gradient at every margin
+and competes with the term everywhere. ``loss="cw"`` with κ > 0 thus makes any base method
+plus a term success-preserving, as long as one step moves the margin by less than κ (with κ = 0
+the margin's pull returns only at the boundary, so a last iterate may miss by one step, which
+``keep_successful`` covers).
+
 Names: ``<ATTACK>_Linf_<k>`` means ε = k/256 (k may be fractional); ``Noise_Linf_<k>`` is the
 benign noisy set (uniform noise in [-ε, ε], clipped). Default schedule (the paper's base
 attacks): T = 10 steps of α = ε/5; FGSM is one step of α = ε.
@@ -39,7 +49,8 @@ CW_KAPPA = 0.0
 
 ALIASES = {"BIM": "I_FGSM"}
 METHODS = ("FGSM", "I_FGSM", "PGD", "MI_FGSM", "DI_FGSM", "TI_FGSM", "CW", "Noise")
-OPTION_NAMES = ("decay", "kappa", "di_prob", "resize_rate", "ti_kernel", "random_start", "keep_successful")
+LOSSES = ("ce", "cw")
+OPTION_NAMES = ("loss", "decay", "kappa", "di_prob", "resize_rate", "ti_kernel", "random_start", "keep_successful")
 VALID_FORMS = ("<ATTACK>_Linf_<k> with ATTACK one of FGSM, I_FGSM (alias BIM), PGD, MI_FGSM, "
                "DI_FGSM, TI_FGSM, CW, or Noise_Linf_<k>; k > 0 is the L∞ budget in units of 1/256 "
                "(e.g. I_FGSM_Linf_1, PGD_Linf_0.5, Noise_Linf_2)")
@@ -182,6 +193,8 @@ def _resolve(spec: AttackSpec, steps: int | None, step_size: float | None, optio
         raise ValueError(f"di_prob must be in [0, 1] and resize_rate in (0, 1), got {config.di_prob}, {config.resize_rate}")
     if config.ti_kernel < 0 or (config.ti_kernel and config.ti_kernel % 2 == 0):
         raise ValueError(f"ti_kernel must be 0 (off) or an odd size, got {config.ti_kernel}")
+    if config.loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {config.loss!r}")
     if config.kappa < 0 or (config.decay is not None and config.decay < 0):
         raise ValueError(f"kappa and decay must be >= 0, got {config.kappa}, {config.decay}")
     return config
@@ -203,7 +216,12 @@ def gaussian_kernel(size: int = TI_KERNEL, nsig: float = TI_NSIG) -> torch.Tenso
 
 def classification_loss(logits: torch.Tensor, targets: torch.Tensor, loss: str = "ce",
                         kappa: float = CW_KAPPA) -> torch.Tensor:
-    """Batch-averaged targeted loss to minimise: CE, or the CW margin max(max_{j≠t} z_j - z_t, -κ)."""
+    """Batch-averaged targeted loss to minimise: CE, or the CW margin max(max_{j≠t} z_j - z_t, -κ).
+
+    The margin's gradient is exactly zero for a sample whose margin is below -κ (classified as its
+    target with a logit lead above κ): such a sample contributes nothing to the step."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     if loss == "ce":
         return F.cross_entropy(logits, targets)
     target_logit = logits.gather(1, targets[:, None]).squeeze(1)
@@ -300,9 +318,10 @@ def run_attack(model, images: torch.Tensor, targets, spec: AttackSpec, *, extra:
     optional batch-averaged scalar added with weight ``lam``; the pooled hierarchical features
     (``model.forward_features``) are computed only when it is given (only the layers listed in
     ``extra.layers`` if it has that attribute; the others are None). Method options override
-    the method's defaults: ``decay`` (momentum; default 1.0 for MI_FGSM, off otherwise),
-    ``kappa`` (CW margin, 0), ``di_prob`` (0.5 for DI_FGSM, 0 otherwise), ``resize_rate`` (0.9),
-    ``ti_kernel`` (7 for TI_FGSM, 0 = off), ``random_start`` (True for PGD), ``keep_successful``
+    the method's defaults: ``loss`` ("ce" or "cw": the classification loss, for any method;
+    "cw" for CW, "ce" otherwise), ``decay`` (momentum; default 1.0 for MI_FGSM, off otherwise),
+    ``kappa`` (the CW margin's κ, 0; used whenever ``loss="cw"``), ``di_prob`` (0.5 for DI_FGSM,
+    0 otherwise), ``resize_rate`` (0.9), ``ti_kernel`` (7 for TI_FGSM, 0 = off), ``random_start`` (True for PGD), ``keep_successful``
     (False: the last iterate is returned, as in the reference attacks; True: an image whose last
     iterate misses its target gets the latest iterate that hit it, if any). The model must be
     on ``device`` (default: the model's device); it runs in eval mode with its parameters'

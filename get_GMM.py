@@ -4,7 +4,12 @@ Loads ``runs_<DATASET>/<name or arch>/checkpoint.pt`` and the run's training ima
 pooled hierarchical features once, and fits for every class and every conv layer with at most
 ``--max-channels`` channels a full-covariance Gaussian mixture (scikit-learn's
 BayesianGaussianMixture as in the HFC code, or plain EM with ``--kind em``), in parallel across
-fits. Writes ``runs_<DATASET>/<name or arch>/gmm_M<y>/mixtures.npz`` + ``summary.json``.
+fits. Then it measures the fit on held-out data: per layer and class, the median HFC term of the
+run's validation images under their class's mixture (about 1 per layer for a density that fits
+the class; far above 1 when it only fits its training samples). These are the term's scales
+(``HFCTerm(normalise=True)``), saved with the mixtures; a class with fewer than 2 validation images
+takes them from its training images (recorded). Writes
+``runs_<DATASET>/<name or arch>/gmm_M<y>/mixtures.npz`` + ``summary.json``.
 
     python get_GMM.py -a resnet50 --dataset APTOS -y 64
     python get_GMM.py --dataset synthetic -y 2 --kind em
@@ -82,6 +87,18 @@ def main(argv=None) -> dict:
         min_samples_per_component=args.min_samples_per_component, layer_names=model.layer_names,
         layer_channels=model.layer_channels, max_channels=args.max_channels)
 
+    # The fit report and the term's scales, on held-out (validation) images.
+    val_images, val_labels = datasets.load_part(run, "val")
+    val_feats = features.extract(model, val_images, device, args.batch_size, desc="val features")
+    val_counts = np.bincount(val_labels.numpy(), minlength=model.num_classes)
+    fallback = [c for c in mixtures.classes if val_counts[c] < 2]
+    held_out = [c for c in mixtures.classes if c not in fallback]
+    scales = gmm.term_scales(mixtures, val_feats.pooled, val_labels.numpy(), classes=held_out) if held_out else {}
+    if fallback:
+        scales.update(gmm.term_scales(mixtures, feats.pooled, labels.numpy(), classes=fallback))
+    mixtures.set_scales(scales, {"source": "val", "val_per_class": val_counts.tolist(),
+                                 "train_fallback_classes": fallback})
+
     folder = gmm.mixtures_folder(run, args.num_component)
     counts = np.bincount(labels.numpy(), minlength=model.num_classes)
     stage = {"dataset": utils.canonical_dataset(args.dataset), "arch": model_meta["arch"], "run": str(run),
@@ -99,6 +116,10 @@ def main(argv=None) -> dict:
           + (f" ({', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''})" if bad else ""))
     print(f"  mean log-likelihood {summary['mean_avg_log_likelihood']:.2f}; features {feature_seconds:.1f} s, "
           f"fits {summary['fit_seconds']:.1f} s ({jobs} jobs) -> {folder}")
+    heldout = summary["heldout_term"]
+    print(f"  held-out term per layer (median over {len(val_labels)} validation images): median over layers "
+          f"{heldout['median']:.3g}, max {heldout['max']:.3g} (about 1 when the mixtures fit the class)"
+          + (f"; classes {fallback} had < 2 validation images: measured on training images" if fallback else ""))
     return summary
 
 

@@ -23,6 +23,15 @@ which makes it independent of the feature scale of each layer. M is clamped to
 ``n_samples // min_samples_per_component`` per (layer, class) fit (k-means initialisation needs at
 least one sample per component, and a component needs a few to mean anything); every clamp is
 recorded in the summary.
+
+Held-out scale of the term. A mixture fitted on a few hundred samples in hundreds of dimensions
+fits those samples, not the class: on held-out clean images of the class the term
+``(1/C)‖(f − μ_k*) L_k*‖²`` is far above its training value (≈1 per layer for a density that fits),
+and grows with depth. ``term_scales`` measures, per (layer, class), the median term over held-out
+clean images of that class (get_GMM.py uses the run's validation part); ``Mixtures`` carries them
+as ``scales`` (saved in ``mixtures.npz``, reported in the summary as the fit report), and
+``HFCTerm(normalise=True)`` divides each layer's term by the scale of the sample's target class, so
+that a held-out clean image scores ≈1 per layer on every layer and every model.
 """
 from __future__ import annotations
 
@@ -49,6 +58,8 @@ KINDS = ("bayesian", "em")
 MIXTURES_NAME = "mixtures.npz"
 SUMMARY_NAME = "summary.json"
 _REG_RETRIES = 4  # a fit whose covariance is not positive definite is retried with 10x reg_covar
+SCALE_FLOOR = 1e-12  # a layer whose held-out term is 0 (dead features) is not divided by 0
+REDUCTIONS = ("sum", "mean")
 
 
 def select_layers(model_or_channels, conv_layers: Sequence[int] | None = None,
@@ -104,6 +115,20 @@ class MixtureParams:
     def log_likelihood(self, X: np.ndarray) -> np.ndarray:
         """Per-sample log-likelihood; equals scikit-learn's ``score_samples``."""
         return logsumexp(self.component_log_prob(X), axis=1)
+
+    def chosen_term(self, X: np.ndarray) -> np.ndarray:
+        """Per-sample HFC term ``(1/C)‖(f − μ_k*) L_k*‖²`` in float64, with k* the component of the
+        highest ``component_log_prob`` (HFCTerm's choice: the scores differ by a constant)."""
+        X = np.asarray(X, dtype=np.float64)
+        out = np.zeros(len(X))
+        if len(X) == 0:
+            return out
+        chosen = self.component_log_prob(X).argmax(1)
+        for k in np.unique(chosen):  # one product per chosen component: no N×C×C gather
+            rows = chosen == k
+            z = (X[rows] - self.means[k]) @ self.prec_chol[k]
+            out[rows] = np.square(z).sum(1) / X.shape[1]
+        return out
 
 
 def _bayesian_log_prior(model, n_features: int) -> np.ndarray:
@@ -191,7 +216,8 @@ class Mixtures:
                  layer_names: Sequence[str] | None = None, layer_channels: Sequence[int] | None = None,
                  seed: int = 0, reg_covar: float = DEFAULT_REG_COVAR, max_iter: int = DEFAULT_MAX_ITER,
                  min_samples_per_component: int = DEFAULT_MIN_SAMPLES_PER_COMPONENT,
-                 max_channels: int | None = None, fit_seconds: float = 0.0):
+                 max_channels: int | None = None, fit_seconds: float = 0.0,
+                 scales: dict[tuple[int, int], float] | None = None, scale_info: dict | None = None):
         self.params = params
         self.layers = [int(layer) for layer in layers]
         self.classes = [int(c) for c in classes]
@@ -208,6 +234,23 @@ class Mixtures:
         missing = [(l, c) for l in self.layers for c in self.classes if (l, c) not in params]
         if missing:
             raise ValueError(f"mixtures missing for (layer, class) {missing[:5]}")
+        self.scales: dict[tuple[int, int], float] | None = None
+        self.scale_info: dict | None = None
+        if scales is not None:
+            self.set_scales(scales, scale_info)
+
+    def set_scales(self, scales: dict[tuple[int, int], float], info: dict | None = None) -> None:
+        """Attach the held-out median term of every (layer, class) (``term_scales``); ``info``
+        (JSON-able, e.g. which images they come from) goes into the summary."""
+        missing = [key for key in self._keys() if key not in scales]
+        if missing:
+            raise ValueError(f"term scales missing for (layer, class) {missing[:5]}")
+        values = {key: float(scales[key]) for key in self._keys()}
+        bad = {key: v for key, v in values.items() if not (math.isfinite(v) and v > 0)}
+        if bad:
+            raise ValueError(f"term scales must be positive and finite, got {dict(list(bad.items())[:5])}")
+        self.scales = values
+        self.scale_info = dict(info) if info is not None else None
 
     def __getitem__(self, key: tuple[int, int]) -> MixtureParams:
         return self.params[key]
@@ -238,7 +281,8 @@ class Mixtures:
                 "channels": int(p.means.shape[1]), "class": cls, "n_samples": p.n_samples,
                 "n_components": p.n_components, "clamped": p.n_components < self.num_components,
                 "reg_covar": p.reg_covar, "avg_log_likelihood": p.avg_log_likelihood,
-                "converged": p.converged, "n_iter": p.n_iter, "seconds": round(p.seconds, 3)})
+                "converged": p.converged, "n_iter": p.n_iter, "seconds": round(p.seconds, 3),
+                "heldout_median_term": self.scales[(layer, cls)] if self.scales else None})
         lls = [f["avg_log_likelihood"] for f in fits]
         return {
             "kind": self.kind, "num_components": self.num_components, "seed": self.seed,
@@ -251,11 +295,26 @@ class Mixtures:
             "not_converged": [{"layer": f["layer"], "class": f["class"]} for f in fits if not f["converged"]],
             "n_clamped": sum(f["clamped"] for f in fits),
             "mean_avg_log_likelihood": float(np.mean(lls)) if lls else None,
-            "fit_seconds": round(self.fit_seconds, 2), "fits": fits}
+            "fit_seconds": round(self.fit_seconds, 2), "heldout_term": self.heldout_report(),
+            "fits": fits}
+
+    def heldout_report(self) -> dict | None:
+        """The fit report: per kept layer, the held-out median term of each class (the scales; about
+        1 per layer for a density that fits held-out data), and the median and max of those values
+        over all (layer, class) pairs. None without scales."""
+        if not self.scales:
+            return None
+        per_layer = [{"layer": layer, "layer_name": self.layer_names[layer] if self.layer_names else None,
+                      "median_term": [self.scales[(layer, cls)] for cls in self.classes]}
+                     for layer in self.layers]
+        values = np.array(list(self.scales.values()))
+        return {"median": float(np.median(values)), "max": float(values.max()),
+                "per_layer": per_layer, "info": self.scale_info}
 
     def save(self, folder: str | Path, extra: dict | None = None) -> Path:
-        """Write ``mixtures.npz`` (packed upper-triangular Cholesky factors) and ``summary.json``
-        (``summary()`` plus the entries of ``extra``, e.g. the data set and run)."""
+        """Write ``mixtures.npz`` (packed upper-triangular Cholesky factors, and the term scales
+        ``L<layer>_c<class>_scale`` when set) and ``summary.json`` (``summary()`` plus the entries
+        of ``extra``, e.g. the data set and run)."""
         folder = Path(folder)
         arrays = {}
         for layer, cls in self._keys():
@@ -269,19 +328,21 @@ class Mixtures:
             arrays[prefix + "prec_chol_triu"] = p.prec_chol[:, rows, cols]  # halves the file
             arrays[prefix + "weights"] = p.weights
             arrays[prefix + "log_prior"] = p.log_prior
+            if self.scales:
+                arrays[prefix + "scale"] = np.float64(self.scales[(layer, cls)])
         save_npz(folder / MIXTURES_NAME, **arrays)
         write_json(folder / SUMMARY_NAME, {**(extra or {}), **self.summary()})
         return folder
 
 
 def load_mixtures(folder: str | Path, hint: str = "run get_GMM.py first") -> Mixtures:
-    """Read a folder written by ``Mixtures.save``."""
+    """Read a folder written by ``Mixtures.save``; ``scales`` is None for a file without them."""
     folder = Path(folder)
     summary = read_json(folder / SUMMARY_NAME, "mixture summary", hint)
     arrays = load_npz(folder / MIXTURES_NAME, "mixtures", hint)
     try:
         info = {(f["layer"], f["class"]): f for f in summary["fits"]}
-        params = {}
+        params, scales = {}, {}
         for layer in summary["layers"]:
             for cls in summary["classes"]:
                 prefix = f"L{layer}_c{cls}_"
@@ -297,6 +358,10 @@ def load_mixtures(folder: str | Path, hint: str = "run get_GMM.py first") -> Mix
                     avg_log_likelihood=float(f["avg_log_likelihood"]), converged=bool(f["converged"]),
                     n_iter=int(f["n_iter"]), n_samples=int(f["n_samples"]),
                     reg_covar=float(f["reg_covar"]), seconds=float(f.get("seconds", 0.0)))
+                if prefix + "scale" in arrays:
+                    scales[(layer, cls)] = float(arrays[prefix + "scale"])
+        if scales and len(scales) != len(params):
+            raise ValueError(f"term scales for {len(scales)} of {len(params)} (layer, class) pairs")
         return Mixtures(params, summary["layers"], summary["classes"], kind=summary["kind"],
                         num_components=summary["num_components"], layer_names=summary.get("layer_names"),
                         layer_channels=summary.get("layer_channels"), seed=summary.get("seed", 0),
@@ -305,9 +370,36 @@ def load_mixtures(folder: str | Path, hint: str = "run get_GMM.py first") -> Mix
                         min_samples_per_component=summary.get("min_samples_per_component",
                                                               DEFAULT_MIN_SAMPLES_PER_COMPONENT),
                         max_channels=summary.get("max_channels"),
-                        fit_seconds=summary.get("fit_seconds", 0.0))
+                        fit_seconds=summary.get("fit_seconds", 0.0), scales=scales or None,
+                        scale_info=(summary.get("heldout_term") or {}).get("info"))
     except (KeyError, ValueError, TypeError) as err:
         raise UserError(f"corrupt mixtures in {folder}: {err!r}; {hint}") from None
+
+
+def term_scales(mixtures: Mixtures, pooled_by_layer: Sequence[np.ndarray], labels: np.ndarray,
+                classes: Sequence[int] | None = None) -> dict[tuple[int, int], float]:
+    """Per (kept layer, class): the median over the given images of that class of the HFC term
+    ``(1/C)‖(f − μ_k*) L_k*‖²`` under that class's mixture (``MixtureParams.chosen_term``, float64).
+
+    ``pooled_by_layer`` and ``labels`` are indexed as for ``fit_mixtures``; pass held-out clean
+    images (not the fitting ones) to measure how well the mixtures fit the class. ``classes``
+    (default: the mixtures' classes) selects the classes to measure; each needs at least one image
+    (ValueError). A median below ``SCALE_FLOOR`` (dead features) is raised to it.
+    """
+    labels = np.asarray(labels).astype(np.int64)
+    classes = mixtures.classes if classes is None else [int(c) for c in classes]
+    empty = [c for c in classes if not np.any(labels == c)]
+    if empty:
+        raise ValueError(f"no image of class(es) {empty} to measure the term scale on")
+    scales = {}
+    for layer in mixtures.layers:
+        feats = np.asarray(pooled_by_layer[layer])
+        if feats.ndim != 2 or len(feats) != len(labels):
+            raise ValueError(f"layer {layer}: features of shape {feats.shape} for {len(labels)} labels")
+        for cls in classes:
+            values = mixtures[(layer, cls)].chosen_term(feats[labels == cls])
+            scales[(layer, cls)] = max(float(np.median(values)), SCALE_FLOOR)
+    return scales
 
 
 def fit_mixtures(pooled_by_layer: Sequence[np.ndarray], labels: np.ndarray, layers: Sequence[int],
@@ -426,11 +518,18 @@ class HFCTerm(nn.Module):
     kernel launches cost more there than flops). The term's value reuses the chosen component's
     product; its gradient reads only the chosen factor (``_ChosenQuadratic``). The buffers move to
     the features' device (dtype float32 by default) once, on the first call, or with ``.to()``.
+
+    ``normalise``: each layer's term of a sample with target t is divided by the mixtures' held-out
+    scale of (layer, t) (``term_scales``: a held-out clean image of t then scores about 1 per
+    layer); the mixtures must carry scales (get_GMM.py fits them). ``reduce``: "sum" adds the
+    per-layer terms, "mean" averages them over the layers. The paper's term is
+    ``normalise=False, reduce="sum"`` (the default).
     """
 
     def __init__(self, mixtures: Mixtures, layers: Sequence[int] | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                 panel_width: int | None = None, backward: str | None = None):
+                 panel_width: int | None = None, backward: str | None = None,
+                 normalise: bool = False, reduce: str = "sum"):
         super().__init__()
         self.layers = list(mixtures.layers if layers is None else layers)
         unknown = [l for l in self.layers if l not in mixtures.layers]
@@ -440,6 +539,13 @@ class HFCTerm(nn.Module):
             raise ValueError(f"mixture classes must be 0..K-1, got {mixtures.classes}")
         if backward not in (None, "loop", "gather"):
             raise ValueError(f"backward must be 'loop' or 'gather', got {backward!r}")
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"reduce must be one of {', '.join(REDUCTIONS)}, got {reduce!r}")
+        if normalise and not mixtures.scales:
+            raise UserError("these mixtures carry no held-out term scales, which the normalised HFC term "
+                            "needs; re-run get_GMM.py (it measures them on the run's validation images)")
+        self.normalise = bool(normalise)
+        self.reduce = reduce
         self.num_classes = len(mixtures.classes)
         self.panel_width = panel_width  # None: 64 on the CPU, full width on CUDA
         self.backward_strategy = backward  # None: "loop" on the CPU, "gather" on CUDA
@@ -460,6 +566,9 @@ class HFCTerm(nn.Module):
             self.register_buffer(f"means_{i}", torch.from_numpy(means).to(device))
             self.register_buffer(f"chol_{i}", torch.from_numpy(chol).to(device))
             self.register_buffer(f"const_{i}", torch.as_tensor(const, dtype=dtype, device=device))
+        if self.normalise:  # classes × layers: gathered by target, one division per step
+            table = [[mixtures.scales[(layer, c)] for layer in self.layers] for c in mixtures.classes]
+            self.register_buffer("scales", torch.as_tensor(table, dtype=dtype, device=device))
 
     def _ensure_on(self, like: torch.Tensor) -> None:
         if not self._moved:
@@ -518,10 +627,18 @@ class HFCTerm(nn.Module):
         z = torch.cat([panel[k, pick] for panel in panels], 1)
         return k, z
 
+    def layer_values(self, features: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        """B×n_layers per-layer terms as the attack uses them: ``layer_terms``, divided by the
+        held-out scale of (layer, target) with ``normalise``."""
+        terms, _ = self.layer_terms(features, targets)
+        if self.normalise:
+            terms = terms / self.scales.index_select(0, targets.to(self.scales.device, torch.long))
+        return terms
+
     def forward(self, logits: torch.Tensor, features: Sequence[torch.Tensor],
                 targets: torch.Tensor) -> torch.Tensor:
-        terms, _ = self.layer_terms(features, targets)
-        return terms.sum(1).mean()
+        values = self.layer_values(features, targets)
+        return (values.sum(1) if self.reduce == "sum" else values.mean(1)).mean()
 
 def mixtures_folder(run_dir: str | Path, num_components: int) -> Path:
     """``runs_<DATASET>/<arch>/gmm_M<y>/`` (ARCHITECTURE.md)."""

@@ -339,3 +339,53 @@ def test_extra_on_a_hierarchical_net():
     assert counts == [len(model.layer_names)] * 2
     assert float((adv - images).abs().max()) <= spec.eps + 1e-6
     assert all(p.requires_grad for p in model.parameters()) and model.training
+
+
+def test_loss_is_an_option_of_every_method():
+    spec = parse_attack("I_FGSM_Linf_1")
+    assert attacks.resolve_settings(spec)["loss"] == "ce"
+    assert attacks.resolve_settings(spec, options={"loss": "cw", "kappa": 2.0})["loss"] == "cw"
+    assert attacks.resolve_settings(parse_attack("CW_Linf_1"), options={"loss": "ce"})["loss"] == "ce"
+    with pytest.raises(ValueError, match="loss"):
+        attacks.resolve_settings(spec, options={"loss": "hinge"})
+    with pytest.raises(ValueError, match="loss"):
+        attacks.classification_loss(torch.zeros(2, 3), torch.tensor([0, 1]), "hinge")
+
+
+def test_cw_margin_gradient_vanishes_beyond_kappa():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).double()
+    x = torch.rand(1, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    logits = model(x)
+    target = logits.argmax(1)
+    lead = float((logits[0, target] - logits[0].scatter(0, target, float("-inf")).max()).detach())
+    assert lead > 0
+
+    def grad(kappa):
+        loss = attacks.classification_loss(model(x), target, "cw", kappa=kappa)
+        return torch.autograd.grad(loss, x)[0]
+
+    assert torch.count_nonzero(grad(0.5 * lead)) == 0  # margin -lead < -κ: clamped, exactly zero
+    assert torch.count_nonzero(grad(0.0)) == 0
+    assert torch.count_nonzero(grad(2.0 * lead)) > 0  # within κ of the boundary: the margin pulls
+    # Cross-entropy keeps a gradient at any lead.
+    ce = attacks.classification_loss(model(x), target, "ce")
+    assert torch.count_nonzero(torch.autograd.grad(ce, x)[0]) > 0
+
+
+@pytest.mark.parametrize("method", ["I_FGSM", "MI_FGSM", "TI_FGSM"])
+def test_cw_loss_in_a_base_attack(method):
+    images, _ = _batch()
+    with torch.no_grad():
+        predicted = TinyNet()(images).argmax(1)
+    targets = predicted.clone()
+    targets[4:] = (predicted[4:] + 1) % 3  # the first four are already classified as their target
+    spec = AttackSpec(method, 8.0)
+    adv, success = run_attack(TinyNet(), images, targets, spec, loss="cw", kappa=0.0, progress=False)
+    assert float((adv - images).abs().max()) <= spec.eps + 1e-6
+    assert 0.0 <= float(adv.min()) <= float(adv.max()) <= 1.0
+    # Already past the (κ = 0) margin: zero gradient, no step; cross-entropy moves them.
+    assert torch.equal(adv[:4], images[:4]) and bool(success[:4].all())
+    assert not torch.equal(adv[4:], images[4:])
+    moved, _ = run_attack(TinyNet(), images, targets, spec, progress=False)
+    assert not torch.equal(moved[:4], images[:4])

@@ -193,6 +193,91 @@ def test_hfc_gradient(fitted, backward):
     assert term(None, stepped, targets).item() < value.item()
 
 
+def _with_scales(mixtures, scales, info=None):
+    """A copy of ``mixtures`` (a shared fixture: never mutated) carrying ``scales``."""
+    return gmm.Mixtures(mixtures.params, mixtures.layers, mixtures.classes, kind=mixtures.kind,
+                        num_components=mixtures.num_components, scales=scales, scale_info=info)
+
+
+@pytest.fixture(scope="module")
+def scaled(fitted):
+    """The fitted mixtures with scales measured on other (held-out-like) features of each class."""
+    mixtures, channels = fitted
+    rng = np.random.default_rng(7)
+    labels = np.repeat([0, 1, 2], [15, 14, 9])
+    feats = _features(rng, len(labels), channels, shift=0.2)
+    return _with_scales(mixtures, gmm.term_scales(mixtures, feats, labels), {"source": "test"}), feats, labels
+
+
+def test_term_scales_are_the_median_term(scaled):
+    mixtures, feats, labels = scaled
+    for layer in mixtures.layers:
+        for cls in mixtures.classes:
+            X = feats[layer][labels == cls]
+            # One sample at a time with the reference numpy term (its own k* rule).
+            values = [_numpy_term(mixtures, [layer], {layer: X[i:i + 1]}, [cls])[0] for i in range(len(X))]
+            assert mixtures.scales[(layer, cls)] == pytest.approx(np.median(values), rel=1e-10)
+    report = mixtures.summary()["heldout_term"]
+    assert [entry["layer"] for entry in report["per_layer"]] == mixtures.layers
+    assert all(len(entry["median_term"]) == 3 for entry in report["per_layer"])
+    values = list(mixtures.scales.values())
+    assert report["median"] == pytest.approx(np.median(values)) and report["max"] == max(values)
+    assert report["info"] == {"source": "test"}
+    with pytest.raises(ValueError, match="class"):
+        gmm.term_scales(mixtures, feats, np.zeros(len(labels)), classes=[0, 1])
+
+
+def test_normalised_term_is_one_on_the_scale_images(scaled):
+    mixtures, feats, labels = scaled
+    term = gmm.HFCTerm(mixtures, dtype=torch.float64, normalise=True)
+    values = term.layer_values([torch.tensor(f) for f in feats], torch.tensor(labels)).numpy()
+    for cls in mixtures.classes:
+        np.testing.assert_allclose(np.median(values[labels == cls], axis=0), 1.0, rtol=1e-10)
+    raw, _ = term.layer_terms([torch.tensor(f) for f in feats], torch.tensor(labels))
+    table = np.array([[mixtures.scales[(l, c)] for l in mixtures.layers] for c in labels])
+    np.testing.assert_allclose(values, raw.numpy() / table, rtol=1e-12)
+
+
+@pytest.mark.parametrize("normalise", [False, True])
+def test_mean_reduction_is_sum_over_layers(scaled, normalise):
+    mixtures, _, _ = scaled
+    rng = np.random.default_rng(8)
+    feats = [torch.tensor(f) for f in _features(rng, 7, [7, 9], shift=0.6)]
+    targets = torch.tensor([0, 1, 2, 2, 1, 0, 0])
+    total = gmm.HFCTerm(mixtures, dtype=torch.float64, normalise=normalise)(None, feats, targets)
+    mean = gmm.HFCTerm(mixtures, dtype=torch.float64, normalise=normalise, reduce="mean")(None, feats, targets)
+    assert mean.item() == pytest.approx(total.item() / 2, rel=1e-12)
+    with pytest.raises(ValueError, match="reduce"):
+        gmm.HFCTerm(mixtures, reduce="max")
+
+
+@pytest.mark.parametrize("backward", ["loop", "gather"])
+def test_normalised_mean_term_gradient(scaled, backward):
+    mixtures, _, _ = scaled
+    rng = np.random.default_rng(9)
+    feats = [torch.tensor(f, requires_grad=True) for f in _features(rng, 6, [7, 9], shift=0.8)]
+    targets = torch.tensor([0, 1, 2, 2, 1, 0])
+    term = gmm.HFCTerm(mixtures, dtype=torch.float64, panel_width=4, backward=backward, normalise=True,
+                       reduce="mean")
+    assert torch.autograd.gradcheck(lambda a, b: term(None, [a, b], targets), feats)
+
+
+def test_scales_save_load_and_required(scaled, fitted, tmp_path):
+    mixtures, _, _ = scaled
+    mixtures.save(tmp_path / "with")
+    loaded = gmm.load_mixtures(tmp_path / "with")
+    assert loaded.scales == mixtures.scales and loaded.scale_info == {"source": "test"}
+    assert loaded.summary()["heldout_term"] == mixtures.summary()["heldout_term"]
+    plain, _ = fitted  # no scales: the file has none, loads, and cannot normalise
+    plain.save(tmp_path / "without")
+    old = gmm.load_mixtures(tmp_path / "without")
+    assert old.scales is None and old.summary()["heldout_term"] is None
+    assert not any(key.endswith("_scale") for key in np.load(tmp_path / "without" / "mixtures.npz").files)
+    gmm.HFCTerm(old)  # the paper's term needs no scales
+    with pytest.raises(gmm.UserError, match="get_GMM.py"):
+        gmm.HFCTerm(old, normalise=True)
+
+
 def test_hfc_term_float32_on_model_features():
     """The default float32 term on a real model's features: finite, and its choice agrees with float64."""
     torch.manual_seed(0)
@@ -238,6 +323,32 @@ def test_get_gmm_writes_artifacts(tiny_run, tmp_path, monkeypatch):
     fit = next(f for f in summary["fits"] if f["layer"] == layer and f["class"] == 1)
     X = feats.pooled[layer][labels.numpy() == 1]
     assert mixtures.log_likelihood(layer, 1, X).mean() == pytest.approx(fit["avg_log_likelihood"], rel=1e-4)
+    # The term's scales were measured on the validation images (the fit report).
+    val_images, val_labels = datasets.load_part(run, "val")
+    assert min(np.bincount(val_labels.numpy(), minlength=2)) >= 2
+    val = features.extract(model, val_images, "cpu", progress=False)
+    expected = gmm.term_scales(mixtures, val.pooled, val_labels.numpy())
+    assert mixtures.scales.keys() == expected.keys()
+    for key, value in expected.items():
+        assert mixtures.scales[key] == pytest.approx(value, rel=1e-4)
+    report = summary["heldout_term"]
+    assert report["info"]["train_fallback_classes"] == [] and len(report["per_layer"]) == len(mixtures.layers)
+    assert report["max"] == pytest.approx(max(expected.values()), rel=1e-4)
+    # A class with fewer than 2 validation images takes its scales from its training images.
+    real_load_part = datasets.load_part
+
+    def one_class_val(run_dir, part, *args, **kwargs):
+        images, labels = real_load_part(run_dir, part, *args, **kwargs)
+        return (images[labels == 0], labels[labels == 0]) if part == "val" else (images, labels)
+
+    monkeypatch.setattr(datasets, "load_part", one_class_val)
+    summary = get_GMM.main(["-a", "resnet18", "-y", "1", "--kind", "em", "--max-channels", "64",
+                            "--device", "cpu", "--jobs", "1", "-b", "16"])
+    assert summary["heldout_term"]["info"]["train_fallback_classes"] == [1]
+    mixtures = gmm.load_mixtures(run / "gmm_M1")
+    X = feats.pooled[mixtures.layers[0]][labels.numpy() == 1]
+    assert mixtures.scales[(mixtures.layers[0], 1)] == pytest.approx(
+        np.median(mixtures[(mixtures.layers[0], 1)].chosen_term(X)), rel=1e-4)
 
 
 def test_get_gmm_missing_checkpoint(tmp_path):

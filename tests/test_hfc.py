@@ -147,6 +147,34 @@ def test_lambda_zero_is_the_base_attack_and_lambda_pulls_features_in(pipeline):
     assert (hidden - clean).abs().max() <= spec.eps + 1e-6
 
 
+def test_normalised_term_with_the_cw_loss(pipeline, monkeypatch):
+    """The normalised, layer-averaged term with the clamped margin on I_FGSM: the options reach
+    the engine, the budget holds, and the features move towards the target's mixtures."""
+    run, model, mixtures, clean, targets, base = _eval_images(pipeline, n=8)
+    assert mixtures.scales is not None  # get_GMM measured them on the validation images
+    spec = attacks.parse_attack(ATTACK)
+    seen = []
+    real_run_attack = attacks.run_attack
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real_run_attack(*args, **kwargs)
+
+    monkeypatch.setattr(attacks, "run_attack", spy)
+    term = gmm.HFCTerm(mixtures, normalise=True, reduce="mean")
+    kwargs = dict(step_size_256=0.8, steps=10, seed=0, batch_size=8, device="cpu", progress=False,
+                  loss="cw", kappa=1.0)
+    plain, plain_success = hfc.hfc_attack(model, term, clean, targets, spec, lam=0.0, **kwargs)
+    hidden, success = hfc.hfc_attack(model, term, clean, targets, spec, lam=1.0, **kwargs)
+    assert [(k["loss"], k["kappa"]) for k in seen] == [("cw", 1.0)] * 2
+    assert (hidden - clean).abs().max() <= spec.eps + 1e-6
+    both = plain_success & success
+    assert both.any()
+    rows = {"base": (plain.numpy(), both.numpy()), "hfc": (hidden.numpy(), both.numpy())}
+    loglik = hfc.mixture_log_likelihood(model, mixtures, rows, targets, "cpu")
+    assert loglik["hfc"] > loglik["base"]
+
+
 def test_gmm_attack_eval_and_reproduce_end_to_end(pipeline, monkeypatch):
     monkeypatch.chdir(pipeline)
     common = ["-a", "resnet18", "--dataset", "synthetic", "--device", "cpu", "-y", "2"]
