@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import runs
 from utils import UserError, load_npz, read_json, save_npz, write_json
 
 AE_FILE = "adv.npz"
@@ -64,8 +65,10 @@ def ae_stats(clean: np.ndarray, adv: np.ndarray, success: np.ndarray) -> dict[st
 
 
 def save_ae_set(folder: str | Path, *, clean, adv, labels, targets, success, index, eps: float,
-                meta: dict[str, Any]) -> dict[str, Any]:
-    """Check and write ``adv.npz`` and ``summary.json`` (meta + eps + stats); returns the summary."""
+                meta: dict[str, Any], provenance: tuple[str, dict, dict] | None = None) -> dict[str, Any]:
+    """Check and write ``adv.npz`` and ``summary.json`` (meta + eps + stats); returns the summary.
+
+    ``provenance`` = (stage, settings, inputs) adds the stage's ``runs.record`` to the summary."""
     folder = Path(folder)
     arrays = {"clean": _numpy(clean, np.float32), "adv": _numpy(adv, np.float32),
               "labels": _numpy(labels, np.int64), "targets": _numpy(targets, np.int64),
@@ -74,6 +77,9 @@ def save_ae_set(folder: str | Path, *, clean, adv, labels, targets, success, ind
     summary = {**meta, "eps": float(eps), "eps_256": float(eps) * 256,
                **ae_stats(arrays["clean"], arrays["adv"], arrays["success"])}
     save_npz(folder / AE_FILE, **arrays)
+    if provenance is not None:
+        stage, settings, inputs = provenance
+        summary["record"] = runs.record(stage, settings, inputs, [folder / AE_FILE])
     write_json(folder / SUMMARY_FILE, summary)
     return summary
 
@@ -84,8 +90,10 @@ def load_ae_set(folder: str | Path, hint: str = "run gen_base_adv.py first") -> 
     arrays: dict[str, Any] = load_npz(folder / AE_FILE, what="AE set", hint=hint)
     missing = [key for key in ARRAYS if key not in arrays]
     if missing:
-        raise UserError(f"AE set {folder / AE_FILE} lacks {', '.join(missing)}; {hint}")
-    meta = read_json(folder / SUMMARY_FILE, "AE summary") if (folder / SUMMARY_FILE).is_file() else None
+        raise UserError(f"{folder / AE_FILE} is not an AE set (it lacks {', '.join(missing)}); {hint}")
+    meta = read_json(folder / SUMMARY_FILE, "AE summary", hint) if (folder / SUMMARY_FILE).is_file() else None
+    if meta is not None and not isinstance(meta, dict):
+        raise UserError(f"{folder / SUMMARY_FILE} is not an AE-set summary; {hint}")
     check_ae_set(arrays, None if meta is None else meta.get("eps"), where=str(folder / AE_FILE))
     if meta is not None:
         arrays["meta"] = meta

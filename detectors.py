@@ -844,10 +844,9 @@ def save_detectors(folder: str | Path, detectors: dict[str, Detector]) -> None:
     write_json(folder / "detectors.json", {"detectors": list(detectors)})
 
 
-def load_detectors(folder: str | Path, names=None) -> dict[str, Detector]:
+def load_detectors(folder: str | Path, names=None, hint: str = "run extract_features.py first") -> dict[str, Detector]:
     """Load the detectors saved in ``folder`` (all of them, or the named ones)."""
     folder = Path(folder)
-    hint = "run extract_features.py first"
     saved = read_json(folder / "detectors.json", "detector index", hint)["detectors"]
     wanted = parse_names(names) if names is not None else [n for n in DETECTORS if n in saved]
     missing = [n for n in wanted if n not in saved]

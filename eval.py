@@ -11,75 +11,80 @@ Each table is also written as ``<hfc set>/eval_<DETECTOR ATTACK>.json`` (results
 """
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass
 
 import aesets
 import attacks
+import cli
 import detectors
-import hfc
+import evaluation
 import report
+import runs
 import saver
 import utils
 
 FORMATS = ("text", "md", "csv", "json")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = utils.stage_parser(__doc__)
-    parser.add_argument("--attack", default="I_FGSM_Linf_1", help="base attack (default: I_FGSM_Linf_1)")
-    parser.add_argument("--detector", default=None, help="attack whose fitted detectors score (default: --attack)")
-    parser.add_argument("--noise", default="Noise_Linf_2", help="benign noisy set (default: Noise_Linf_2)")
-    parser.add_argument("--hfc", nargs="*", default=None,
-                        help="HFC set folders under the attack's folder (default: every hfc_* there)")
-    parser.add_argument("--format", default="text", choices=FORMATS, help="output format (default: text)")
-    parser.add_argument("--per-layer", action="store_true",
-                        help="also print the AUC of each layer's score for the per-layer detectors "
-                             "(KD, LID, MAHA, DNN)")
-    parser.add_argument("-b", "--batch-size", type=int, default=32, help="forward batch size (default: 32)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    return parser.parse_args(argv)
+@dataclass
+class Config(cli.RunConfig):
+    attack: str = cli.flag("I_FGSM_Linf_1", "base attack")
+    detector: str | None = cli.flag(None, "attack whose fitted detectors score (default: --attack)")
+    noise: str = cli.flag("Noise_Linf_2", "benign noisy set")
+    hfc: str | None = cli.flag(None, "comma list of HFC set folders under the attack's folder (default: every hfc_*)")
+    format: str = cli.flag("text", "output format", choices=FORMATS)
+    per_layer: bool = cli.flag(False, "also print the AUC of each layer's score for the per-layer detectors "
+                                      "(KD, LID, MAHA, DNN)")
+    batch_size: int = cli.flag(32, "forward batch size", short="-b", check=cli.at_least(1))
 
 
 def main(argv=None) -> list[dict]:
-    args = parse_args(argv)
-    spec = attacks.parse_attack(args.attack)
-    detector_attack = attacks.parse_attack(args.detector or args.attack).name
-    dataset = utils.canonical_dataset(args.dataset)
-    device = utils.prepare_runtime(args.device, seed=0, threads=args.threads)
-    run = utils.run_dir(dataset, args.arch, args.name)
-    model, _ = saver.load_model(run, device, arch=args.arch)
-    sets = hfc.load_protocol_sets(run, spec.name, args.noise, args.arch, dataset)
-    fitted = detectors.load_detectors(run / detector_attack / "detectors")
-    folders = ([run / spec.name / name for name in args.hfc] if args.hfc is not None
-               else sorted(p for p in (run / spec.name).glob("hfc_*") if p.is_dir()))
+    return run(Config.from_argv(argv))
+
+
+def run(config: Config) -> list[dict]:
+    """Score every chosen HFC set of the attack (and the base AEs of the same images)."""
+    spec = attacks.parse_attack(config.attack)
+    detector_attack = attacks.parse_attack(config.detector or config.attack).name
+    noise = attacks.parse_attack(config.noise).name
+    run_ = runs.Run.of(config)
+    device = utils.prepare_runtime(config.device, config.seed, config.threads)
+    model, _ = saver.load_model(run_.checkpoint, device, arch=config.arch, hint=run_.hint("train"))
+    sets = evaluation.load_protocol_sets(run_, spec.name, noise)
+    detectors_hint = run_.hint("detectors", f"--attack {detector_attack}")
+    fitted = detectors.load_detectors(run_.detectors_dir(detector_attack), hint=detectors_hint)
+    runs.require_fresh(run_.detectors_dir(detector_attack) / runs.SUMMARY,
+                       {"checkpoint": run_.checkpoint, "attack_set": run_.ae_dir(detector_attack) / aesets.AE_FILE},
+                       "the detectors", detectors_hint.replace(" first", " again"))
+    attack_dir = run_.ae_dir(spec.name)
+    folders = ([attack_dir / name.strip() for name in config.hfc.split(",") if name.strip()]
+               if config.hfc is not None else sorted(p for p in attack_dir.glob("hfc_*") if p.is_dir()))
     if not folders:
-        raise utils.UserError(f"no HFC set under {run / spec.name}; run gmm_attack.py -a {args.arch} "
-                              f"--dataset {dataset} --attack {spec.name} first")
+        raise utils.UserError(f"no HFC set under {attack_dir}; {run_.hint('hfc', f'--attack {spec.name}')}")
     base = sets["base"]
     all_results = []
     for folder in folders:
-        hfc_set = aesets.load_ae_set(folder, hint=f"run gmm_attack.py --attack {spec.name} first")
-        base_rows = aesets.rows_of(base, hfc_set["index"], f"base set {run / spec.name}", hfc.REMAKE_HINT)
+        hfc_set = aesets.load_ae_set(folder, hint=run_.hint("hfc", f"--attack {spec.name}"))
+        base_rows = aesets.rows_of(base, hfc_set["index"], f"base set {attack_dir}", evaluation.REMAKE_HINT)
         rows = {"base": (base["adv"][base_rows], base["success"][base_rows]),
                 "hfc": (hfc_set["adv"], hfc_set["success"])}
-        table, success, _ = hfc.score_rows(model, fitted, hfc_set["clean"], sets["noisy"][base_rows], rows,
-                                           device=device, batch_size=args.batch_size)
+        table, success, _ = evaluation.score_rows(model, fitted, hfc_set["clean"], sets["noisy"][base_rows], rows,
+                                                  device=device, batch_size=config.batch_size)
         meta = hfc_set.get("meta") or {}
         results = report.results_dict(
-            dataset=dataset, arch=args.arch, attack=spec.name, detector_attack=detector_attack,
+            dataset=run_.dataset, arch=config.arch, attack=spec.name, detector_attack=detector_attack,
             epsilon_256=spec.eps_256, n_eval=len(hfc_set["index"]), success=success, detectors=table,
             hfc_set=folder.name, lamda=meta.get("lamda"), num_component=meta.get("num_component"))
         utils.write_json(folder / f"eval_{detector_attack}.json", results)
         all_results.append(results)
-        if args.format == "json":
+        if config.format == "json":
             print(json.dumps(results, indent=2))
         else:
             print(f"[{folder}]")
-            print(report.format_table(results, args.format))
-            if args.per_layer:
-                print(report.format_layer_table(results, args.format))
+            print(report.format_table(results, config.format))
+            if config.per_layer:
+                print(report.format_layer_table(results, config.format))
     return all_results
 
 

@@ -16,80 +16,72 @@ takes them from its training images (recorded). Writes
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
+import cli
 import datasets
 import features
 import gmm
+import runs
 import saver
 import utils
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = utils.stage_parser(__doc__)
-    parser.add_argument("-y", "--num-component", type=int, default=gmm.DEFAULT_NUM_COMPONENTS,
-                        help=f"components M per mixture (default: {gmm.DEFAULT_NUM_COMPONENTS}; the paper's README "
-                             "uses 64). 8 because a CPU-scale training set has a few hundred images per "
-                             "class, which M = 64 would split into ~5 samples per 512-d component, and "
-                             "because the HFC term must read every component's C×C factor at every "
-                             "attack step (M = 64: ~2 GB for ResNet-50, two classes). M is clamped per "
-                             "fit to n_samples / --min-samples-per-component, and reported")
-    parser.add_argument("--kind", choices=gmm.KINDS, default="bayesian",
-                        help="bayesian: BayesianGaussianMixture (the paper); em: GaussianMixture "
-                             "(default: bayesian)")
-    parser.add_argument("--seed", type=int, default=0, help="mixture initialisation (default: 0)")
-    parser.add_argument("--max-channels", type=int, default=gmm.DEFAULT_MAX_CHANNELS,
-                        help=f"fit only conv layers with at most this many channels "
-                             f"(default: {gmm.DEFAULT_MAX_CHANNELS})")
-    parser.add_argument("--reg-covar", type=float, default=gmm.DEFAULT_REG_COVAR,
-                        help="covariance regulariser, relative to the mean per-channel variance of each "
-                             f"fit's features (default: {gmm.DEFAULT_REG_COVAR:g}); it sets the precision "
-                             "in the directions a few hundred samples do not span")
-    parser.add_argument("--max-iter", type=int, default=gmm.DEFAULT_MAX_ITER,
-                        help=f"EM / variational iterations per fit (default: {gmm.DEFAULT_MAX_ITER})")
-    parser.add_argument("--min-samples-per-component", type=int, default=gmm.DEFAULT_MIN_SAMPLES_PER_COMPONENT,
-                        help="clamp M to n_samples // this per fit "
-                             f"(default: {gmm.DEFAULT_MIN_SAMPLES_PER_COMPONENT})")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("-b", "--batch-size", type=int, default=32, help="feature extraction batch (default: 32)")
-    parser.add_argument("--jobs", type=int, default=None,
-                        help="parallel fits (threads, one BLAS thread each; default: the number of CPUs)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    return parser.parse_args(argv)
+
+@dataclass
+class Config(cli.RunConfig):
+    num_component: int = cli.flag(
+        gmm.DEFAULT_NUM_COMPONENTS, "components M per mixture (the paper's README uses 64). 8 because a CPU-scale "
+        "training set has a few hundred images per class, which M = 64 would split into ~5 samples per 512-d "
+        "component, and because the HFC term must read every component's C×C factor at every attack step "
+        "(M = 64: ~2 GB for ResNet-50, two classes). M is clamped per fit to n_samples / "
+        "--min-samples-per-component, and reported", short="-y", check=cli.at_least(1))
+    kind: str = cli.flag("bayesian", "bayesian: BayesianGaussianMixture (the paper); em: GaussianMixture",
+                         choices=gmm.KINDS)
+    max_channels: int = cli.flag(gmm.DEFAULT_MAX_CHANNELS, "fit only conv layers with at most this many channels",
+                                 check=cli.at_least(1))
+    reg_covar: float = cli.flag(gmm.DEFAULT_REG_COVAR, "covariance regulariser, relative to the mean per-channel "
+                                "variance of each fit's features; it sets the precision in the directions a few "
+                                "hundred samples do not span", check=cli.positive)
+    max_iter: int = cli.flag(gmm.DEFAULT_MAX_ITER, "EM / variational iterations per fit", check=cli.at_least(1))
+    min_samples_per_component: int = cli.flag(gmm.DEFAULT_MIN_SAMPLES_PER_COMPONENT,
+                                              "clamp M to n_samples // this per fit", check=cli.at_least(1))
+    batch_size: int = cli.flag(32, "feature extraction batch", short="-b", check=cli.at_least(1))
+    jobs: int | None = cli.flag(None, "parallel fits (threads, one BLAS thread each; default: the number of CPUs)",
+                                check=cli.at_least(1))
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    if args.num_component < 1 or args.batch_size < 1 or args.max_iter < 1 or args.min_samples_per_component < 1:
-        raise utils.UserError("-y/--num-component, --batch-size, --max-iter and --min-samples-per-component "
-                              "must be positive")
-    if not args.reg_covar > 0:
-        raise utils.UserError(f"--reg-covar must be positive, got {args.reg_covar}")
-    jobs = args.jobs or os.cpu_count() or 1
-    device = utils.prepare_runtime(args.device, args.seed, args.threads)
-    run = utils.run_dir(args.dataset, args.arch, args.name)
-    model, model_meta = saver.load_model(run, device, arch=args.arch)
-    layers = gmm.select_layers(model, max_channels=args.max_channels)
+    return run(Config.from_argv(argv))
+
+
+def run(config: Config) -> dict:
+    """Fit the mixtures on the run's training features; returns the summary."""
+    jobs = config.jobs or os.cpu_count() or 1
+    run_ = runs.Run.of(config)
+    device = utils.prepare_runtime(config.device, config.seed, config.threads)
+    model, model_meta = saver.load_model(run_.checkpoint, device, arch=config.arch, hint=run_.hint("train"))
+    layers = gmm.select_layers(model, max_channels=config.max_channels)
     if not layers:
-        raise utils.UserError(f"no conv layer of {args.arch} has at most {args.max_channels} channels "
+        raise utils.UserError(f"no conv layer of {config.arch} has at most {config.max_channels} channels "
                               f"(smallest: {min(model.layer_channels[i] for i in model.conv_layers)})")
-    images, labels = datasets.load_part(run, "train")
+    images, labels = datasets.load_part(run_.dir, "train")
 
     start = time.perf_counter()
-    feats = features.extract(model, images, device, args.batch_size, desc="train features")
+    feats = features.extract(model, images, device, config.batch_size, desc="train features")
     feature_seconds = time.perf_counter() - start
     mixtures = gmm.fit_mixtures(
-        feats.pooled, labels.numpy(), layers, args.num_component, kind=args.kind, seed=args.seed,
-        n_jobs=jobs, classes=range(model.num_classes), reg_covar=args.reg_covar, max_iter=args.max_iter,
-        min_samples_per_component=args.min_samples_per_component, layer_names=model.layer_names,
-        layer_channels=model.layer_channels, max_channels=args.max_channels)
+        feats.pooled, labels.numpy(), layers, config.num_component, kind=config.kind, seed=config.seed,
+        n_jobs=jobs, classes=range(model.num_classes), reg_covar=config.reg_covar, max_iter=config.max_iter,
+        min_samples_per_component=config.min_samples_per_component, layer_names=model.layer_names,
+        layer_channels=model.layer_channels, max_channels=config.max_channels)
 
     # The fit report and the term's scales, on held-out (validation) images.
-    val_images, val_labels = datasets.load_part(run, "val")
-    val_feats = features.extract(model, val_images, device, args.batch_size, desc="val features")
+    val_images, val_labels = datasets.load_part(run_.dir, "val")
+    val_feats = features.extract(model, val_images, device, config.batch_size, desc="val features")
     val_counts = np.bincount(val_labels.numpy(), minlength=model.num_classes)
     fallback = [c for c in mixtures.classes if val_counts[c] < 2]
     held_out = [c for c in mixtures.classes if c not in fallback]
@@ -99,16 +91,21 @@ def main(argv=None) -> dict:
     mixtures.set_scales(scales, {"source": "val", "val_per_class": val_counts.tolist(),
                                  "train_fallback_classes": fallback})
 
-    folder = gmm.mixtures_folder(run, args.num_component)
+    folder = run_.mixtures_dir(config.num_component)
     counts = np.bincount(labels.numpy(), minlength=model.num_classes)
-    stage = {"dataset": utils.canonical_dataset(args.dataset), "arch": model_meta["arch"], "run": str(run),
+    stage = {"dataset": run_.dataset, "arch": model_meta["arch"], "run": str(run_.dir),
              "image_size": int(images.shape[-1]), "num_train": len(labels),
              "train_per_class": counts.tolist(), "device": str(device), "jobs": jobs,
              "feature_source": "features.extract", "feature_seconds": round(feature_seconds, 2)}
-    mixtures.save(folder, extra=stage)
-    summary = {**stage, **mixtures.summary()}
+    settings = config.settings()
+    with utils.replacing_dir(folder) as staging:
+        mixtures.save(staging, extra=stage)
+        summary = utils.read_json(staging / runs.SUMMARY)
+        summary["record"] = runs.record("mixtures", settings, {"checkpoint": run_.checkpoint},
+                                        [staging / runs.MIXTURES], folder=staging)
+        utils.write_json(staging / runs.SUMMARY, summary)
     bad = [f"{model.layer_names[b['layer']]}/class {b['class']}" for b in summary["not_converged"]]
-    print(f"{summary['kind']} mixtures, M={args.num_component}, {len(layers)} layers × {model.num_classes} "
+    print(f"{summary['kind']} mixtures, M={config.num_component}, {len(layers)} layers × {model.num_classes} "
           f"classes = {summary['n_fits']} fits on {len(labels)} training images "
           f"({', '.join(str(c) for c in counts)} per class)")
     print(f"  layers: {', '.join(f'{model.layer_names[i]}({model.layer_channels[i]})' for i in layers)}")

@@ -11,101 +11,131 @@ value (``--lamda-grid``, refined by one geometric midpoint) whose attack still s
 
     python gmm_attack.py -a resnet50 --dataset APTOS --attack I_FGSM_Linf_1 -y 2 --lamda auto
 
-Writes ``runs_<DATASET>/<arch>/<ATTACK>/hfc_M<y>_lam<λ>/`` (with ``_a<α>_T<T>`` appended for a
-step schedule other than the default, ``_last`` for ``--last-iterate``): adv.npz, summary.json,
-results.json and results.md.
+Writes ``runs_<DATASET>/<arch>/<ATTACK>/hfc_<key>/`` (``hfc.results_key``: ``M<y>_lam<λ or auto>``,
+plus the settings given that differ from the defaults): adv.npz, summary.json, results.json (with
+the stage's record: its resolved settings, how λ was chosen, and what it was made from) and
+results.md. It refuses, naming the stage to run again, when the detectors or the mixtures were
+made from an older model or AE set.
 """
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 import aesets
 import attacks
+import cli
 import detectors
+import evaluation
 import gmm
 import hfc
 import report
+import runs
 import saver
 import utils
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = utils.stage_parser(__doc__)
-    parser.add_argument("--attack", default="I_FGSM_Linf_1",
-                        help="base attack to augment with HFC; its AE set defines A (default: I_FGSM_Linf_1)")
-    parser.add_argument("--detector", default=None,
-                        help="attack whose fitted detectors score the result (default: --attack)")
-    parser.add_argument("--noise", default="Noise_Linf_2", help="benign noisy set (default: Noise_Linf_2)")
-    parser.add_argument("-y", "--num-component", type=int, default=gmm.DEFAULT_NUM_COMPONENTS,
-                        help="mixture components M: uses runs_.../gmm_M<y>/ from get_GMM.py (default: %(default)s)")
-    parser.add_argument("--lamda", default="1",
-                        help="weight λ of the HFC term, or 'auto' to choose it on A_fit (default: 1, the paper's)")
-    parser.add_argument("--lamda-grid", default=",".join(f"{v:g}" for v in hfc.DEFAULT_LAMBDA_GRID),
-                        help="candidates for --lamda auto, tried from the largest (default: %(default)s)")
-    parser.add_argument("--min-success", type=float, default=hfc.DEFAULT_MIN_SUCCESS,
-                        help="success on A_fit that --lamda auto requires (default: %(default)s)")
-    parser.add_argument("--tune-images", type=int, default=32,
-                        help="A_fit images attacked per λ candidate with --lamda auto (default: 32)")
-    parser.add_argument("--step-size", type=float, default=None,
-                        help="step α in units of 1/256 (default: the paper's per data set and arch, "
-                             "APTOS/ResNet-50 0.025, CXR/ResNet-50 0.01, ...; elsewhere ε/10)")
-    parser.add_argument("--steps", type=int, default=None, help="number of steps T (default: 2ε/α)")
-    parser.add_argument("--last-iterate", action="store_true",
-                        help="return every image's last iterate, as the base attacks do (default: an image "
-                             "whose last iterate misses the target keeps its latest iterate that hit it)")
-    parser.add_argument("--limit", type=int, default=None, help="attack only the first N images of A_eval")
-    parser.add_argument("-b", "--batch-size", type=int, default=32, help="attack batch size (default: 32)")
-    utils.add_runtime_flags(parser)
-    return parser.parse_args(argv)
-
-
-def parse_lambda(args) -> tuple[float | None, list[float]]:
+def lamda_value(text: str) -> str | None:
+    if text.lower() == "auto":
+        return None
     try:
-        grid = [float(v) for v in args.lamda_grid.split(",") if v.strip()]
-        lam = None if args.lamda.lower() == "auto" else float(args.lamda)
+        return None if float(text) >= 0 else f"must be non-negative or 'auto', got {text}"
     except ValueError:
-        raise utils.UserError(f"--lamda takes a number or 'auto', --lamda-grid a comma list of numbers; "
-                              f"got {args.lamda!r} and {args.lamda_grid!r}") from None
-    if (lam is not None and lam < 0) or not grid or min(grid) < 0:
-        raise utils.UserError("λ must be non-negative (and --lamda-grid non-empty)")
-    return lam, grid
+        return f"must be a number or 'auto', got {text!r}"
+
+
+def grid_value(text: str) -> str | None:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        return f"must be a comma list of numbers, got {text!r}"
+    return None if values and min(values) > 0 else "must list at least one positive λ"
+
+
+@dataclass
+class Config(cli.RunConfig):
+    attack: str = cli.flag("I_FGSM_Linf_1", "base attack to augment with HFC; its AE set defines A")
+    detector: str | None = cli.flag(None, "attack whose fitted detectors score the result (default: --attack)")
+    noise: str = cli.flag("Noise_Linf_2", "benign noisy set")
+    num_component: int = cli.flag(gmm.DEFAULT_NUM_COMPONENTS, "mixture components M: uses gmm_M<y>/ from get_GMM.py",
+                                  short="-y", check=cli.at_least(1))
+    lamda: str = cli.flag("1", "weight λ of the HFC term, or 'auto' to choose it on A_fit (1 = the paper's)",
+                          check=lamda_value)
+    lamda_grid: str = cli.flag(",".join(f"{v:g}" for v in hfc.DEFAULT_LAMBDA_GRID),
+                               "candidates for --lamda auto, tried from the largest", check=grid_value)
+    min_success: float = cli.flag(hfc.DEFAULT_MIN_SUCCESS, "success on A_fit that --lamda auto requires",
+                                  check=cli.in_range(0, 1))
+    tune_images: int = cli.flag(32, "A_fit images attacked per λ candidate with --lamda auto", check=cli.at_least(1))
+    step_size: float | None = cli.flag(None, "step α in units of 1/256 (default: the paper's per data set and arch, "
+                                             "APTOS/ResNet-50 0.025, CXR/ResNet-50 0.01, ...; elsewhere ε/10)",
+                                       check=cli.positive)
+    steps: int | None = cli.flag(None, "number of steps T (default: 2ε/α)", check=cli.at_least(1))
+    last_iterate: bool = cli.flag(False, "return every image's last iterate, as the base attacks do (default: an "
+                                         "image whose last iterate misses the target keeps its latest iterate "
+                                         "that hit it)")
+    limit: int | None = cli.flag(None, "attack only the first N images of A_eval", check=cli.at_least(2))
+    batch_size: int = cli.flag(32, "attack batch size", short="-b", check=cli.at_least(1))
+
+    def results_dir(self, run: runs.Run) -> Path:
+        detector = self.detector if self.detector and self.detector != self.attack else None
+        key = hfc.results_key(self.num_component, self.lamda, self.step_size, self.steps, self.last_iterate, detector)
+        return run.hfc_dir(attacks.parse_attack(self.attack).name, key)
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    spec = attacks.parse_attack(args.attack)
+    return run(Config.from_argv(argv))
+
+
+def stage_inputs(run_: runs.Run, attack: str, detector_attack: str, noise: str, num_component: int) -> dict:
+    """The artifacts the HFC stage reads, by role (its record's ``inputs``)."""
+    return {"checkpoint": run_.checkpoint, "attack_set": run_.ae_dir(attack) / aesets.AE_FILE,
+            "noise_set": run_.ae_dir(noise) / aesets.AE_FILE,
+            "detectors": run_.detectors_dir(detector_attack) / runs.SUMMARY,
+            "mixtures": run_.mixtures_dir(num_component) / runs.MIXTURES}
+
+
+def run(config: Config) -> dict:
+    """Choose λ (when asked) on A_fit, attack A_eval with HFC, score both rows; returns results.json."""
+    spec = attacks.parse_attack(config.attack)
     if spec.method == "Noise":
         raise utils.UserError(f"--attack must be an attack, not the noise set {spec.name}")
-    detector_attack = attacks.parse_attack(args.detector or args.attack).name
-    lam, grid = parse_lambda(args)
-    dataset = utils.canonical_dataset(args.dataset)
-    device = utils.prepare_runtime(args.device, args.seed, args.threads)
-    run = utils.run_dir(dataset, args.arch, args.name)
-    model, _ = saver.load_model(run, device, arch=args.arch)
-    sets = hfc.load_protocol_sets(run, spec.name, args.noise, args.arch, dataset)
-    fitted = detectors.load_detectors(run / detector_attack / "detectors")
-    mixtures = gmm.load_mixtures(gmm.mixtures_folder(run, args.num_component),
-                                 hint=f"run get_GMM.py -a {args.arch} --dataset {dataset} -y {args.num_component} first")
+    detector_attack = attacks.parse_attack(config.detector or config.attack).name
+    noise = attacks.parse_attack(config.noise).name
+    grid = [float(v) for v in config.lamda_grid.split(",") if v.strip()]
+    lam = None if config.lamda.lower() == "auto" else float(config.lamda)
+    run_ = runs.Run.of(config)
+    device = utils.prepare_runtime(config.device, config.seed, config.threads)
+    model, _ = saver.load_model(run_.checkpoint, device, arch=config.arch, hint=run_.hint("train"))
+    sets = evaluation.load_protocol_sets(run_, spec.name, noise)
+    detectors_dir = run_.detectors_dir(detector_attack)
+    fitted = detectors.load_detectors(detectors_dir, hint=run_.hint("detectors", f"--attack {detector_attack}"))
+    runs.require_fresh(detectors_dir / runs.SUMMARY,
+                       {"checkpoint": run_.checkpoint, "attack_set": run_.ae_dir(detector_attack) / aesets.AE_FILE},
+                       "the detectors", run_.hint("detectors", f"--attack {detector_attack}").replace(" first", " again"))
+    mixtures_hint = run_.hint("mixtures", f"-y {config.num_component}")
+    mixtures = gmm.load_mixtures(run_.mixtures_dir(config.num_component), hint=mixtures_hint)
+    runs.require_fresh(run_.mixtures_dir(config.num_component) / runs.SUMMARY, {"checkpoint": run_.checkpoint},
+                       "the mixtures", mixtures_hint.replace(" first", " again"))
     term = gmm.HFCTerm(mixtures, device=device)
-    step_256, steps = hfc.hfc_schedule(dataset, args.arch, spec.eps_256, args.step_size, args.steps)
+    step_256, steps = hfc.hfc_schedule(run_.dataset, config.arch, spec.eps_256, config.step_size, config.steps)
     base = sets["base"]
-    eval_pos = sets["eval"][:args.limit] if args.limit else sets["eval"]
+    eval_pos = sets["eval"][:config.limit] if config.limit else sets["eval"]
     if len(eval_pos) < 2:
         raise utils.UserError(f"A_eval holds {len(eval_pos)} images; attack more images with gen_base_adv.py")
-    attack_kwargs = dict(step_size_256=step_256, steps=steps, seed=args.seed, batch_size=args.batch_size,
-                         device=device, keep_successful=not args.last_iterate)
+    attack_kwargs = dict(step_size_256=step_256, steps=steps, seed=config.seed, batch_size=config.batch_size,
+                         device=device, keep_successful=not config.last_iterate)
     started = time.perf_counter()
 
-    trials = []
+    trials, lamda_rule = [], "given"
     if lam is None:
-        tune = sets["fit"][:args.tune_images]
-        print(f"choosing λ on {len(tune)} A_fit images (grid {grid}, success ≥ {args.min_success:.0%})")
-        lam, trials = hfc.choose_lambda(model, term, torch.from_numpy(base["clean"][tune]),
-                                        base["targets"][tune], spec, grid=grid, min_success=args.min_success,
-                                        **attack_kwargs)
+        tune = sets["fit"][:config.tune_images]
+        print(f"choosing λ on {len(tune)} A_fit images (grid {grid}, success ≥ {config.min_success:.0%})")
+        lam, trials, lamda_rule = hfc.choose_lambda(model, term, torch.from_numpy(base["clean"][tune]),
+                                                    base["targets"][tune], spec, grid=grid,
+                                                    min_success=config.min_success, **attack_kwargs)
     tune_seconds = time.perf_counter() - started
 
     timer = time.perf_counter()
@@ -113,35 +143,36 @@ def main(argv=None) -> dict:
     adv, success = hfc.hfc_attack(model, term, torch.from_numpy(clean), base["targets"][eval_pos], spec,
                                   lam=lam, **attack_kwargs)
     attack_seconds = time.perf_counter() - timer
-    variant = hfc.variant_suffix((step_256, steps), hfc.hfc_schedule(dataset, args.arch, spec.eps_256),
-                                 args.last_iterate)
-    out = run / spec.name / hfc.results_folder_name(args.num_component, lam, variant)
-    meta = {"attack": spec.name, "hfc": True, "dataset": dataset, "arch": args.arch, "num_component": args.num_component,
-            "lamda": lam, "step_size_256": step_256, "steps": steps, "keep_successful": not args.last_iterate,
-            "seed": args.seed, "images_of": "A_eval"}
+    out = config.results_dir(run_)
+    meta = {"attack": spec.name, "hfc": True, "dataset": run_.dataset, "arch": config.arch,
+            "num_component": config.num_component, "lamda": lam, "step_size_256": step_256, "steps": steps,
+            "keep_successful": not config.last_iterate, "seed": config.seed, "images_of": "A_eval"}
     aesets.save_ae_set(out, clean=clean, adv=adv, labels=base["labels"][eval_pos], targets=base["targets"][eval_pos],
                        success=success, index=base["index"][eval_pos], eps=spec.eps, meta=meta)
 
     timer = time.perf_counter()
     rows = {"base": (base["adv"][eval_pos], base["success"][eval_pos]), "hfc": (adv.numpy(), success.numpy())}
-    table, success_rates, adv_features = hfc.score_rows(model, fitted, clean, sets["noisy"][eval_pos], rows,
-                                                       device=device, batch_size=args.batch_size)
+    table, success_rates, adv_features = evaluation.score_rows(model, fitted, clean, sets["noisy"][eval_pos], rows,
+                                                              device=device, batch_size=config.batch_size)
     score_seconds = time.perf_counter() - timer
-    loglik = hfc.mixture_log_likelihood(model, mixtures, rows, base["targets"][eval_pos], device,
-                                        extracted=adv_features)
+    loglik = evaluation.mixture_log_likelihood(model, mixtures, rows, base["targets"][eval_pos], device,
+                                               extracted=adv_features)
     results = report.results_dict(
-        dataset=dataset, arch=args.arch, attack=spec.name, detector_attack=detector_attack,
+        dataset=run_.dataset, arch=config.arch, attack=spec.name, detector_attack=detector_attack,
         epsilon_256=spec.eps_256, n_eval=len(eval_pos), success=success_rates, detectors=table,
-        lamda=lam, lamda_trials=trials, num_component=args.num_component, step_size_256=step_256, steps=steps,
-        keep_successful=not args.last_iterate,
+        lamda=lam, lamda_rule=lamda_rule, lamda_trials=trials, num_component=config.num_component,
+        step_size_256=step_256, steps=steps, keep_successful=not config.last_iterate,
         mixture_log_likelihood=loglik, seconds={"choose_lamda": tune_seconds, "attack": attack_seconds,
                                                  "attack_per_image": attack_seconds / len(eval_pos),
                                                  "score": score_seconds})
-    utils.write_json(out / "results.json", results)
     markdown = report.format_table(results, "md") + "\n" + report.format_layer_table(results, "md")
     utils.atomic_write_bytes(out / "results.md", markdown.encode())
+    results["record"] = runs.record("hfc", config.settings(), stage_inputs(run_, spec.name, detector_attack, noise,
+                                                                   config.num_component),
+                                    [out / aesets.AE_FILE, out / "results.md"], folder=out)
+    utils.write_json(out / runs.RESULTS, results)
     print(report.format_table(results, "text"))
-    print(f"HFC: λ = {lam:.3g}, M = {args.num_component}, α = {step_256:g}/256, T = {steps}; "
+    print(f"HFC: λ = {lam:.3g} ({lamda_rule}), M = {config.num_component}, α = {step_256:g}/256, T = {steps}; "
           f"mean mixture log-likelihood of AE features: base {loglik['base']:.1f}, HFC {loglik['hfc']:.1f}; "
           f"attack {attack_seconds:.0f} s ({attack_seconds / len(eval_pos):.2f} s/image) -> {out}")
     return results

@@ -1,24 +1,16 @@
-"""The HFC stage as a library: step schedule, the choice of λ on A_fit, and the one scoring path
-that turns AE sets of A_eval into the paper's table (docs/PROTOCOL.md §§6 and 7).
-
-``gmm_attack.py`` (attack, then score) and ``eval.py`` (score saved sets) both call
-``score_rows``, so the "base" and "HFC" rows always come from the same code.
+"""The HFC attack as a library (docs/PROTOCOL.md §7): the step schedule, the attack (the engine
+with the term), the choice of λ on A_fit, and the results folder's key. Scoring lives in
+``evaluation.py``; the mixtures in ``gmm.py``.
 """
 from __future__ import annotations
 
-import re
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-import aesets
 import attacks
-import detectors
-import features
 import gmm
-import protocol
 from utils import UserError
 
 # The HFC code's fixed step α in units of 1/256 (docs/PROTOCOL.md §7), keyed by (data set, arch).
@@ -28,7 +20,6 @@ PAPER_STEP_256 = {("APTOS", "resnet50"): 0.025, ("APTOS", "vgg16"): 0.1,
 FALLBACK_STEP_FRACTION = 0.1
 DEFAULT_LAMBDA_GRID = (1.0, 0.1, 0.01, 1e-3, 1e-4, 1e-5, 1e-6)
 DEFAULT_MIN_SUCCESS = 0.95
-REMAKE_HINT = "re-make it for the same images (same --seed and --limit)"
 
 
 def hfc_schedule(dataset: str, arch: str, eps_256: float, step_size_256: float | None = None,
@@ -45,29 +36,21 @@ def hfc_schedule(dataset: str, arch: str, eps_256: float, step_size_256: float |
     return float(step_size_256), int(steps)
 
 
-def results_folder_name(num_component: int, lam: float, variant: str = "") -> str:
-    """``hfc_M<y>_lam<λ>`` plus ``variant`` (see ``variant_suffix``)."""
-    return f"hfc_M{num_component}_lam{lam:.3g}{variant}"
+def results_key(num_component: int, lamda: str, step_size_256: float | None = None, steps: int | None = None,
+                last_iterate: bool = False, detector: str | None = None) -> str:
+    """The results folder's key for the settings as asked (``hfc_<key>``): ``M<y>_lam<λ or auto>``
+    plus ``_a<α>``/``_T<T>`` when given, ``_last`` and ``_det<ATTACK>`` when set. It only keeps runs
+    with other settings apart; what a folder holds is read from its record, never from its name."""
+    key = f"M{num_component}_lam{lamda_text(lamda)}"
+    key += f"_a{step_size_256:g}" if step_size_256 is not None else ""
+    key += f"_T{steps}" if steps is not None else ""
+    key += "_last" if last_iterate else ""
+    return key + (f"_det{detector}" if detector else "")
 
 
-def variant_suffix(schedule: tuple[float, int], default_schedule: tuple[float, int],
-                   last_iterate: bool = False) -> str:
-    """"" for the default settings; ``_a<α>_T<T>`` for another step schedule and ``_last`` for
-    ``--last-iterate``, so that runs with other settings never overwrite each other."""
-    suffix = "" if schedule == default_schedule else f"_a{schedule[0]:g}_T{schedule[1]}"
-    return suffix + ("_last" if last_iterate else "")
-
-
-def find_results(folder: Path, num_component: int, lamda: str, variant: str = "") -> Path | None:
-    """The newest ``results.json`` of an HFC run in ``folder`` with these settings (``lamda``:
-    a number, or "auto" for any λ), or None."""
-    pattern = re.compile(rf"hfc_M{num_component}_lam(?P<lam>[0-9.e+-]+){re.escape(variant)}")
-    found = []
-    for path in Path(folder).glob(f"hfc_M{num_component}_lam*/results.json"):
-        match = pattern.fullmatch(path.parent.name)
-        if match and (lamda == "auto" or match["lam"] == f"{float(lamda):.3g}"):
-            found.append(path)
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+def lamda_text(lamda: str | float) -> str:
+    """``auto`` or the number in its shortest form."""
+    return "auto" if str(lamda).lower() == "auto" else f"{float(lamda):g}"
 
 
 def hfc_attack(model, term: gmm.HFCTerm | None, images: torch.Tensor, targets: np.ndarray,
@@ -96,113 +79,37 @@ def hfc_attack(model, term: gmm.HFCTerm | None, images: torch.Tensor, targets: n
 
 def choose_lambda(model, term: gmm.HFCTerm, images: torch.Tensor, targets: np.ndarray, spec, *,
                   grid: Sequence[float], min_success: float, refine: bool = True,
-                  **attack_kwargs) -> tuple[float, list[dict]]:
-    """The largest λ whose HFC attack succeeds on at least ``min_success`` of the given images
-    (a subset of A_fit: never the evaluation images). Returns λ and the trials.
+                  **attack_kwargs) -> tuple[float, list[dict], str]:
+    """λ chosen on the given images (a subset of A_fit: never the evaluation images).
 
-    ``grid`` is tried from the largest value down and the search stops at the first success;
-    with ``refine``, the geometric midpoint between that value and the failed one above it is
-    tried too. When no value succeeds, the base attack (λ = 0) is run on the same images and the
-    largest λ that does as well as it is taken (a base attack below ``min_success`` cannot be
-    beaten by adding a constraint). The term's scale depends on the data (a mixture fitted on a
-    few hundred samples in hundreds of dimensions has very large precisions off the data), hence
-    a grid over decades.
-    """
+    The bar is the smaller of ``min_success`` and the base attack's own success on these images at
+    the same schedule (λ = 0): a constraint cannot make the attack succeed more often than the
+    attack without it, so the bar never asks for what the base attack cannot do. ``grid`` is
+    tried from the largest value down and the search stops at the first λ that reaches the bar;
+    with ``refine`` the geometric midpoint between it and the failed value above is tried too.
+    When no value reaches the bar, the one with the best success is taken (ties: the larger).
+    Returns λ, the trials and the rule in words (recorded in the results)."""
     trials: list[dict] = []
 
-    def succeeds(lam: float) -> bool:
+    def success_of(lam: float) -> float:
         # A trial on real images takes minutes: its progress bar shows (and clears after).
         _, success = hfc_attack(model, term, images, targets, spec, lam=lam, progress=True, **attack_kwargs)
         rate = float(success.float().mean())
         trials.append({"lamda": lam, "fit_success": rate, "images": len(images)})
         print(f"  λ = {lam:.3g}: success {rate:.3f} on {len(images)} A_fit images")
-        return rate >= min_success
+        return rate
 
+    base_rate = success_of(0.0)
+    bar = min(min_success, base_rate)
+    rule = f"largest λ of the grid with A_fit success ≥ min({min_success:g}, base {base_rate:.3f}) = {bar:.3f}"
     ordered = sorted(set(grid), reverse=True)
     for i, lam in enumerate(ordered):
-        if succeeds(lam):
+        if success_of(lam) >= bar:
             if refine and i > 0:
                 middle = float(np.sqrt(lam * ordered[i - 1]))
-                if succeeds(middle):
-                    return middle, trials
-            return lam, trials
-    # None reached it: when the base attack itself (λ = 0, same schedule) falls short of
-    # ``min_success`` on these images, the bar becomes the base attack's own success.
-    succeeds(0.0)
-    base_rate = trials[-1]["fit_success"]
-    matching = [t for t in trials[:-1] if t["fit_success"] >= base_rate]
-    if matching:
-        chosen = max(t["lamda"] for t in matching)
-        print(f"  no λ reached {min_success:.0%}; the base attack reaches {base_rate:.3f}: taking the "
-              f"largest λ that matches it, {chosen:.3g}")
-        return chosen, trials
-    best = max(trials[:-1], key=lambda t: (t["fit_success"], t["lamda"]))  # ties: the larger λ
-    print(f"  no λ reached {min_success:.0%} nor the base attack's {base_rate:.3f}; taking λ = "
-          f"{best['lamda']:.3g} (the best success)")
-    return best["lamda"], trials
-
-
-def load_protocol_sets(run: Path, attack: str, noise: str, arch: str, dataset: str) -> dict[str, Any]:
-    """A (the base attack's set), its A_fit / A_eval positions and the noise versions of A."""
-    hint = f"run gen_base_adv.py -a {arch} --dataset {dataset} --attack {attack} first"
-    base = aesets.load_ae_set(run / attack, hint=hint)
-    noise_set = aesets.load_ae_set(run / noise, hint=f"run extract_features.py -a {arch} --dataset {dataset} "
-                                                      f"--attack {attack} first (it makes {noise})")
-    noisy = noise_set["adv"][aesets.rows_of(noise_set, base["index"], f"noise set {run / noise}", REMAKE_HINT)]
-    fit_pos, eval_pos = protocol.fit_eval_split(len(base["index"]))
-    return {"base": base, "noisy": noisy, "fit": fit_pos, "eval": eval_pos}
-
-
-def score_rows(model, fitted: dict[str, detectors.Detector], clean: np.ndarray, noisy: np.ndarray,
-               rows: dict[str, tuple[np.ndarray, np.ndarray]], *, device, batch_size: int = 32
-               ) -> tuple[dict[str, dict[str, dict]], dict[str, float], dict[str, features.FeatureSet]]:
-    """Score benign (clean + noisy) against each row's successful AEs with every detector.
-
-    ``rows`` maps a row name ("base", "hfc", ...) to (AE images, success) of the same images as
-    ``clean``. The feature sets are built exactly as ``extract_features.py`` builds them
-    (``features.benign_set`` and ``features.adv_set``), so a row scored here equals the same row scored there; the
-    benign set is extracted and scored once for all rows.
-    Returns ({detector: {row: detection report}}, {row: success rate}, {row: features of its
-    successful AEs}); the reports of the per-layer detectors (KD, LID, MAHA, DNN) carry
-    ``layer_auc`` {layer name: AUC of that layer's score}."""
-    keep_maps = fitted["DNN"].layers if "DNN" in fitted else ()
-    success_rates, adv_rows = {}, {}
-    for row, (adv, success) in rows.items():
-        success = np.asarray(success, dtype=bool)
-        success_rates[row] = float(success.mean()) if len(success) else 0.0
-        if success.sum() < 1:
-            raise UserError(f"no successful {row} AE among {len(success)} evaluation images: nothing to score")
-        adv_rows[row] = features.adv_set(model, adv, success, device, batch_size, keep_maps, desc=f"{row}: ")
-    benign = features.benign_set(model, clean, noisy, device, batch_size, keep_maps)
-    # Per-layer AUCs cost nothing more (the combined score is made from the layer scores).
-    table = detectors.evaluate_rows(fitted, model, benign, adv_rows, per_layer=True, progress=True)
-    return table, success_rates, adv_rows
-
-
-@torch.no_grad()
-def mixture_log_likelihood(model, mixtures: gmm.Mixtures, rows: dict[str, tuple[np.ndarray, np.ndarray]],
-                           targets: np.ndarray, device, batch_size: int = 64,
-                           extracted: dict[str, features.FeatureSet] | None = None) -> dict[str, float]:
-    """Per row, the mean over successful AEs and kept layers of the target class's mixture
-    log-likelihood of the AE's pooled features: how typical of the target class they look.
-    ``extracted`` (as ``score_rows`` returns it) holds rows whose successful AEs' features are
-    already extracted."""
-    out = {}
-    for row, (adv, success) in rows.items():
-        success = np.asarray(success, dtype=bool)
-        if not success.any():
-            out[row] = float("nan")
-            continue
-        feats = (extracted or {}).get(row)
-        if feats is None:
-            feats = features.adv_set(model, adv, success, device, batch_size, progress=False)
-        t = np.asarray(targets)[success]
-        per_layer = []
-        for layer in mixtures.layers:
-            ll = np.empty(len(t))
-            for cls in np.unique(t):
-                rows_c = t == cls
-                ll[rows_c] = mixtures.log_likelihood(layer, int(cls), feats.pooled[layer][rows_c])
-            per_layer.append(ll.mean())
-        out[row] = float(np.mean(per_layer))
-    return out
+                if success_of(middle) >= bar:
+                    return middle, trials, rule
+            return lam, trials, rule
+    best = max(trials[1:], key=lambda t: (t["fit_success"], t["lamda"]))
+    print(f"  no λ reached {bar:.3f}; taking λ = {best['lamda']:.3g} (the best success)")
+    return best["lamda"], trials, f"no λ reached {bar:.3f}: the λ with the best A_fit success"

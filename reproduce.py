@@ -3,73 +3,74 @@
     python reproduce.py                      # the embedded synthetic set, ResNet-50, I_FGSM_Linf_1
     python reproduce.py --dataset APTOS --data-root ../shared/data/aptos2019 --limit 200
 
-Stages (each skipped when its artifacts are already in runs_<DATASET>/<arch>/; --force redoes
-them all): train.py -> gen_base_adv.py (the base attack) -> extract_features.py (the noise set
+Stages (each skipped when its artifacts in runs_<DATASET>/<arch>/ were made with the same
+settings from the current versions of their inputs, as their records say; --force redoes them all): train.py -> gen_base_adv.py (the base attack) -> extract_features.py (the noise set
 and the seven detectors) -> get_GMM.py -> gmm_attack.py -> the report in ``report/``: the
 table (Markdown and JSON), the AUC of every detector before and after HFC, and the
 feature-space picture of one layer.
 """
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import aesets
 import attacks
+import cli
+import evaluation
 import extract_features
 import features
 import gen_base_adv
 import get_GMM
 import gmm
 import gmm_attack
-import hfc
 import plots
 import report
+import runs
 import saver
 import train
 import utils
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="synthetic", help="APTOS, CXR or synthetic (default: synthetic)")
-    parser.add_argument("-a", "--arch", default="resnet50", help="model architecture (default: resnet50)")
-    parser.add_argument("--attack", default="I_FGSM_Linf_1", help="base attack (default: I_FGSM_Linf_1)")
-    parser.add_argument("--data-root", default=None, help="data folder (default: ./datasets/<DATASET>)")
-    parser.add_argument("--image-size", type=int, default=None, help="image size (default: the data set's)")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: train.py's)")
-    parser.add_argument("--max-train-per-class", type=int, default=None, help="cap on training images per class")
-    parser.add_argument("--limit", type=int, default=None, help="attack only the first N images of A")
-    parser.add_argument("-y", "--num-component", type=int, default=gmm.DEFAULT_NUM_COMPONENTS,
-                        help="mixture components M (default: %(default)s)")
-    parser.add_argument("--lamda", default="auto", help="HFC weight λ, or 'auto' (chosen on A_fit; default: auto)")
-    parser.add_argument("--step-size", type=float, default=None, help="HFC step in 1/256 (default: gmm_attack.py's)")
-    parser.add_argument("--steps", type=int, default=None, help="HFC steps (default: 2ε/α)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every stage (default: 0)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads for every stage (default: torch's; 1 is faster on a busy CPU)")
-    parser.add_argument("--force", action="store_true", help="redo every stage even if its artifacts exist")
-    return parser.parse_args(argv)
+@dataclass
+class Config(cli.RunConfig):
+    attack: str = cli.flag("I_FGSM_Linf_1", "base attack")
+    data_root: str | None = cli.flag(None, "data folder (default: ./datasets/<DATASET>)")
+    image_size: int | None = cli.flag(None, "image size (default: the data set's)", check=cli.at_least(32))
+    epochs: int | None = cli.flag(None, "training epochs (default: train.py's)", check=cli.at_least(1))
+    max_train_per_class: int | None = cli.flag(None, "cap on training images per class", check=cli.non_negative)
+    limit: int | None = cli.flag(None, "attack only the first N images of A", check=cli.at_least(4))
+    num_component: int = cli.flag(gmm.DEFAULT_NUM_COMPONENTS, "mixture components M", short="-y",
+                                  check=cli.at_least(1))
+    lamda: str = cli.flag("auto", "HFC weight λ, or 'auto' (chosen on A_fit)", check=gmm_attack.lamda_value)
+    step_size: float | None = cli.flag(None, "HFC step in 1/256 (default: gmm_attack.py's)", check=cli.positive)
+    steps: int | None = cli.flag(None, "HFC steps (default: 2ε/α)", check=cli.at_least(1))
+    force: bool = cli.flag(False, "redo every stage even if its artifacts are up to date")
+
+    def stage_configs(self) -> dict[str, cli.RunConfig]:
+        """The configs of the five stages, composed from this one (no argv strings)."""
+        common = dict(arch=self.arch, name=self.name, dataset=self.dataset, seed=self.seed, device=self.device,
+                      threads=self.threads)
+        return {
+            "train": train.Config(**common, data_root=self.data_root, image_size=self.image_size,
+                                  epochs=self.epochs, max_train_per_class=self.max_train_per_class),
+            "attack": gen_base_adv.Config(**common, attack=self.attack, limit=self.limit),
+            "detectors": extract_features.Config(**common, attack=self.attack),
+            "mixtures": get_GMM.Config(**common, num_component=self.num_component),
+            "hfc": gmm_attack.Config(**common, attack=self.attack, num_component=self.num_component,
+                                     lamda=self.lamda, step_size=self.step_size, steps=self.steps),
+        }
 
 
-def _flags(**values) -> list[str]:
-    out = []
-    for key, value in values.items():
-        if value is not None:
-            out += [f"--{key.replace('_', '-')}", str(value)]
-    return out
-
-
-def feature_picture(path: Path, run: Path, attack: str, results_file: Path, device) -> str:
+def feature_picture(path, run_: runs.Run, attack: str, results_file, device) -> str:
     """Draw the feature-space picture of the last hierarchical layer for A_eval."""
-    model, meta = saver.load_model(run, device)
+    model, meta = saver.load_model(run_.checkpoint, device)
     hfc_set = aesets.load_ae_set(results_file.parent)
-    base = aesets.load_ae_set(run / attack)
-    rows = aesets.rows_of(base, hfc_set["index"], "base set", hfc.REMAKE_HINT)
+    base = aesets.load_ae_set(run_.ae_dir(attack))
+    rows = aesets.rows_of(base, hfc_set["index"], "base set", evaluation.REMAKE_HINT)
     layer = len(model.layer_names) - 1
     pooled = lambda x: features.extract(model, torch.from_numpy(x), device, progress=False).pooled[layer]  # noqa: E731
     plots.feature_space(path, pooled(hfc_set["clean"]), hfc_set["labels"],
@@ -80,48 +81,58 @@ def feature_picture(path: Path, run: Path, attack: str, results_file: Path, devi
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    dataset = utils.canonical_dataset(args.dataset)
-    spec = attacks.parse_attack(args.attack)
-    run = utils.run_dir(dataset, args.arch)
-    common = ["-a", args.arch, "--dataset", dataset, "--seed", str(args.seed)] + _flags(device=args.device, threads=args.threads)
+    return run(Config.from_argv(argv))
+
+
+def run(config: Config, stage_overrides: dict[str, dict] | None = None) -> dict:
+    """Every stage whose artifacts are not up to date, then the report; returns the report summary.
+
+    ``stage_overrides`` ({stage: {field: value}}) changes settings of the composed stage configs
+    that the main job has no flag for (a grid or a test composes them this way)."""
+    spec = attacks.parse_attack(config.attack)
+    if spec.method == "Noise":
+        raise utils.UserError(f"--attack must be an attack, not the noise set {spec.name}")
+    run_ = runs.Run.of(config)
+    configs = config.stage_configs()
+    for name, changes in (stage_overrides or {}).items():
+        if name not in configs:
+            raise utils.UserError(f"unknown stage {name!r}; stages: {', '.join(configs)}")
+        configs[name] = configs[name].replace(**changes)
+    hfc_dir = configs["hfc"].results_dir(run_)
+    noise = configs["detectors"].noise
     seconds: dict[str, float] = {}
 
-    def stage(name: str, done: bool, call) -> None:
-        if done and not args.force:
-            print(f"== {name}: artifacts present, skipped (--force to redo)")
+    def stage(name: str, summary: Path, inputs: dict, call) -> None:
+        if not config.force and runs.is_done(summary, configs[name].settings(), inputs):
+            print(f"== {name}: up to date, skipped (--force to redo)")
             return
         print(f"== {name}")
         start = time.perf_counter()
-        call()
+        call(configs[name])
         seconds[name] = time.perf_counter() - start
 
-    stage("train", (run / saver.CHECKPOINT_NAME).is_file(), lambda: train.main(
-        common + _flags(data_root=args.data_root, image_size=args.image_size, epochs=args.epochs,
-                        max_train_per_class=args.max_train_per_class)))
-    stage("base attack", (run / spec.name / aesets.AE_FILE).is_file(), lambda: gen_base_adv.main(
-        common + ["--attack", spec.name] + _flags(limit=args.limit)))
-    stage("detectors", (run / spec.name / "detectors" / "summary.json").is_file(), lambda: extract_features.main(
-        common + ["--attack", spec.name]))
-    stage("mixtures", (gmm.mixtures_folder(run, args.num_component) / gmm.SUMMARY_NAME).is_file(),
-          lambda: get_GMM.main(common + ["-y", str(args.num_component)]))
-    default_schedule = hfc.hfc_schedule(dataset, args.arch, spec.eps_256)
-    variant = hfc.variant_suffix(hfc.hfc_schedule(dataset, args.arch, spec.eps_256, args.step_size, args.steps),
-                                 default_schedule)
-    stage("HFC attack", hfc.find_results(run / spec.name, args.num_component, args.lamda, variant) is not None,
-          lambda: gmm_attack.main(common + ["--attack", spec.name, "-y", str(args.num_component), "--lamda",
-                                            args.lamda] + _flags(step_size=args.step_size, steps=args.steps)))
+    checkpoint = {"checkpoint": run_.checkpoint}
+    attack_set = run_.ae_dir(spec.name) / aesets.AE_FILE
+    stage("train", run_.train_summary, {}, train.run)
+    stage("attack", run_.ae_dir(spec.name) / aesets.SUMMARY_FILE, {**checkpoint, "split": run_.split},
+          gen_base_adv.run)
+    stage("detectors", run_.detectors_dir(spec.name) / runs.SUMMARY,
+          {**checkpoint, "attack_set": attack_set, "noise_set": run_.ae_dir(noise) / aesets.AE_FILE},
+          extract_features.run)
+    stage("mixtures", run_.mixtures_dir(config.num_component) / runs.SUMMARY, checkpoint, get_GMM.run)
+    stage("hfc", hfc_dir / runs.RESULTS,
+          gmm_attack.stage_inputs(run_, spec.name, spec.name, noise, config.num_component), gmm_attack.run)
 
-    results_file = hfc.find_results(run / spec.name, args.num_component, args.lamda, variant)
+    results_file = hfc_dir / runs.RESULTS
     results = utils.read_json(results_file, "HFC results")
-    out = run / "report"
+    out = run_.report_dir
     print("== report")
     plots.auc_bars(out / "auc_before_after.png", results)
-    layer = feature_picture(out / "feature_space.png", run, spec.name, results_file, utils.get_device(args.device))
+    layer = feature_picture(out / "feature_space.png", run_, spec.name, results_file, utils.get_device(config.device))
     markdown = report.format_table(results, "md")
     utils.atomic_write_bytes(out / "table.md", markdown.encode())
     summary = {"results": str(results_file), "stage_seconds": seconds, "feature_space_layer": layer,
-               "figures": ["auc_before_after.png", "feature_space.png"], **results}
+               "figures": ["auc_before_after.png", "feature_space.png"], "settings": config.settings(), **results}
     utils.write_json(out / "report.json", summary)
     print(report.format_table(results, "text"))
     print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + f" -> {out}")

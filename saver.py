@@ -28,30 +28,41 @@ def save_checkpoint(path: str | Path, model: HierarchicalNet, meta: dict[str, An
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
+META_KEYS = ("arch", "num_classes", "layer_names")
+
+
+def read_checkpoint(path: str | Path, hint: str = "run train.py first") -> dict[str, Any]:
+    """The checkpoint's contents (``weights_only``); a missing, unreadable or foreign file (not
+    written by ``save_checkpoint``) is a one-line UserError naming the file and ``hint``."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"missing checkpoint {path}; run train.py first")
+        raise UserError(f"missing checkpoint {path}; {hint}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - an unreadable checkpoint is bad input
-        raise UserError(f"cannot read checkpoint {path}: {err}") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot read checkpoint {path} ({first}); {hint}") from None
+    meta = state.get("meta") if isinstance(state, dict) else None
+    if not isinstance(meta, dict) or any(k not in meta for k in META_KEYS) or "state_dict" not in state:
+        raise UserError(f"{path} is not a checkpoint of this project (no weights with arch, classes and "
+                        f"layer names); {hint}")
+    return state
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu",
-               arch: str | None = None) -> tuple[HierarchicalNet, dict[str, Any]]:
+def load_model(path: str | Path, device: torch.device | str = "cpu", arch: str | None = None,
+               hint: str = "run train.py first") -> tuple[HierarchicalNet, dict[str, Any]]:
     """Rebuild the model stored at ``path`` (a file, or a run directory), in eval mode."""
     path = Path(path)
     if path.is_dir() or path.suffix != ".pt":  # a run directory, existing or not
         path = path / CHECKPOINT_NAME
-    state = read_checkpoint(path)
+    state = read_checkpoint(path, hint)
     meta = state["meta"]
     if arch is not None and arch != meta["arch"]:
         raise UserError(f"checkpoint {path} holds a {meta['arch']} model, not {arch}")
     model = build_model(meta["arch"], int(meta["num_classes"]))
     try:
         model.load_state_dict(state["state_dict"])
-    except RuntimeError as err:
+    except (RuntimeError, TypeError, AttributeError) as err:
         first = str(err).strip().splitlines()[0]
         raise UserError(f"checkpoint {path} does not fit arch {meta['arch']}: {first}") from None
     return model.to(device).eval(), meta

@@ -10,9 +10,9 @@ validation loss, random flips during training only (docs/PROTOCOL.md §4).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,75 +20,72 @@ import torch.nn.functional as F
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 from tqdm import tqdm
 
+import cli
 import datasets
+import runs
 import saver
 import utils
-from network import ARCHS, build_model
+from network import build_model
 
 DEFAULT_EPOCHS = {"synthetic": 8, "APTOS": 20, "CXR": 12}
+MIN_IMAGE_SIZE = 32  # ResNet and VGG reduce the input 32-fold
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("-a", "--arch", default="resnet50", choices=ARCHS, help="network (default: %(default)s)")
-    p.add_argument("-n", "--name", default=None, help="run name (default: the arch)")
-    p.add_argument("--dataset", default="synthetic", help="APTOS, CXR or synthetic, case-insensitive (default: %(default)s)")
-    p.add_argument("--data-root", default=None, help="data folder (default: ./datasets/<DATASET>)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="square input size (default: 64 for synthetic, 128 otherwise; the paper used 256)")
-    p.add_argument("--num-classes", type=int, default=2, help="2, or 5 for APTOS grading (default: %(default)s)")
-    p.add_argument("--max-train-per-class", type=int, default=None,
-                   help=f"cap on training images per class (default: "
-                        f"{datasets.DEFAULT_MAX_TRAIN_PER_CLASS['CXR']} for CXR, none otherwise; 0 = no cap)")
-    p.add_argument("--synthetic-train", type=int, default=datasets.SYNTHETIC_TRAIN,
-                   help="synthetic training-pool size; validation is carved from it (default: %(default)s)")
-    p.add_argument("--synthetic-test", type=int, default=datasets.SYNTHETIC_TEST, help="synthetic test-set size (default: %(default)s)")
-    p.add_argument("-b", "--batch-size", type=int, default=None,
-                   help="batch size (default: 64 on a GPU, 16 on a CPU, where more steps per epoch pay off)")
-    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default: %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="Adam weight decay (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=None,
-                   help=f"epochs (default per data set: {DEFAULT_EPOCHS})")
-    p.add_argument("--pretrained", default=None, metavar="PATH|imagenet",
-                   help="start from ImageNet weights (a local torchvision state dict, or 'imagenet' to download)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, the synthetic images and training (default: %(default)s)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--workers", type=int, default=None, help="image-decoding threads (default: up to 4)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice, the usable cores; use 1 when other jobs share the CPU)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the run's checkpoint (its split, weights, optimizer and epoch)")
-    return p.parse_args(argv)
+@dataclass
+class Config(cli.RunConfig):
+    data_root: str | None = cli.flag(None, "data folder (default: ./datasets/<DATASET>)")
+    image_size: int | None = cli.flag(None, "square input size (default: 64 for synthetic, 128 otherwise; the "
+                                            "paper used 256)", check=cli.at_least(MIN_IMAGE_SIZE))
+    num_classes: int = cli.flag(2, "2, or 5 for APTOS grading", choices=(2, 5))
+    max_train_per_class: int | None = cli.flag(
+        None, f"cap on training images per class (default: {datasets.DEFAULT_MAX_TRAIN_PER_CLASS['CXR']} for CXR, "
+              "none otherwise; 0 = no cap)", check=cli.non_negative)
+    synthetic_train: int = cli.flag(datasets.SYNTHETIC_TRAIN, "synthetic training-pool size; validation is "
+                                    "carved from it", check=cli.at_least(2))
+    synthetic_test: int = cli.flag(datasets.SYNTHETIC_TEST, "synthetic test-set size", check=cli.at_least(2))
+    batch_size: int | None = cli.flag(None, "batch size (default: 64 on a GPU, 16 on a CPU, where more steps per "
+                                            "epoch pay off)", short="-b", check=cli.at_least(2))
+    lr: float = cli.flag(3e-4, "Adam learning rate", check=cli.positive)
+    weight_decay: float = cli.flag(1e-4, "Adam weight decay", check=cli.non_negative)
+    epochs: int | None = cli.flag(None, f"epochs (default per data set: {DEFAULT_EPOCHS})", check=cli.at_least(1))
+    pretrained: str | None = cli.flag(None, "start from ImageNet weights (a local torchvision state dict, or "
+                                            "'imagenet' to download)", metavar="PATH|imagenet")
+    workers: int | None = cli.flag(None, "image-decoding threads (default: up to 4)", check=cli.at_least(1))
+    resume: bool = cli.flag(False, "continue from the run's checkpoint (its split, weights, optimizer and epoch)")
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    return run(Config.from_argv(argv))
+
+
+def run(config: Config) -> dict:
+    """Train and evaluate; returns the summary written to ``train_summary.json``.
+
+    Every input is validated (data layout, images, flags) before the run folder is touched, and
+    a previous model, its split and its summary stay as they are until the new run has a best
+    checkpoint of its own: a run that fails early loses nothing."""
     started = time.time()
+    args = config
     dataset = utils.canonical_dataset(args.dataset)
-    run = utils.run_dir(dataset, args.arch, args.name)
+    run_ = runs.Run.of(config)
     device = utils.prepare_runtime(args.device, args.seed, args.threads)
     epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS[dataset]
-    args.batch_size = args.batch_size or (64 if device.type == "cuda" else 16)
-    if args.batch_size < 2:
-        raise utils.UserError("--batch-size must be at least 2 (BatchNorm needs two images)")
+    batch_size = args.batch_size or (64 if device.type == "cuda" else 16)
     cap = args.max_train_per_class if args.max_train_per_class is not None \
         else datasets.DEFAULT_MAX_TRAIN_PER_CLASS[dataset]
 
-    resume_state = saver.read_checkpoint(run / saver.CHECKPOINT_NAME) if args.resume else None
+    resume_state = saver.read_checkpoint(run_.checkpoint, hint=run_.hint("train")) if args.resume else None
     if resume_state is not None:
-        split = datasets.read_split(run)
+        split = datasets.read_split(run_.dir)
         if split["dataset"] != dataset or resume_state["meta"]["arch"] != args.arch:
-            raise utils.UserError(f"--resume: {run} holds a {resume_state['meta']['arch']} run on "
+            raise utils.UserError(f"--resume: {run_.dir} holds a {resume_state['meta']['arch']} run on "
                                   f"{split['dataset']}, not {args.arch} on {dataset}")
     else:
         split = datasets.prepare_split(dataset, args.data_root, args.image_size, args.num_classes, args.seed,
                                        max_train_per_class=cap or None, synthetic_train=args.synthetic_train,
                                        synthetic_test=args.synthetic_test)
-        # A fresh run: drop an older run's results so that they never sit beside the new split.
-        for stale in (run / saver.CHECKPOINT_NAME, run / "train_summary.json"):
-            stale.unlink(missing_ok=True)
-        datasets.write_split(run, split)
     counts = datasets.describe_split(split)
-    print(f"{dataset} at {split['image_size']}px, run {run}: " +
+    print(f"{dataset} at {split['image_size']}px, run {run_.dir}: " +
           "; ".join(f"{part} {sum(c.values())} ({', '.join(f'{k} {v}' for k, v in c.items())})"
                     for part, c in counts.items()))
 
@@ -113,14 +110,15 @@ def main(argv=None) -> dict:
         best = {"epoch": int(resume_state["epoch"]), "val_acc": float(resume_state["val_acc"]),
                 "val_loss": float(resume_state["val_loss"]), "state": copy.deepcopy(model.state_dict())}
         print(f"resuming after epoch {first_epoch - 1} (best so far)")
+    replaced = resume_state is not None  # a fresh run replaces the old model at its first best epoch
 
     flip_dims = datasets.FLIP_DIMS[dataset]
     generator = torch.Generator().manual_seed(args.seed)
     for epoch in range(first_epoch, epochs + 1):
         tic = time.time()
-        train_loss = _train_epoch(model, optimizer, *data["train"], args.batch_size, flip_dims, generator, device,
+        train_loss = _train_epoch(model, optimizer, *data["train"], batch_size, flip_dims, generator, device,
                                   desc=f"epoch {epoch}/{epochs}")
-        val_loss, val_acc, _ = _evaluate(model, *data["val"], args.batch_size, device)
+        val_loss, val_acc, _ = _evaluate(model, *data["val"], batch_size, device)
         scheduler.step(val_loss)
         improved = best is None or (val_acc, -val_loss) > (best["val_acc"], -best["val_loss"])
         record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_acc": val_acc,
@@ -129,7 +127,13 @@ def main(argv=None) -> dict:
         if improved:
             best = {"epoch": epoch, "val_acc": val_acc, "val_loss": val_loss,
                     "state": copy.deepcopy(model.state_dict())}
-            saver.save_checkpoint(run / saver.CHECKPOINT_NAME, model, meta, extra={
+            if not replaced:
+                # The new run's first best checkpoint replaces the old model: its summary goes
+                # (it described the old model), the new split and checkpoint take its place.
+                run_.train_summary.unlink(missing_ok=True)
+                datasets.write_split(run_.dir, split)
+                replaced = True
+            saver.save_checkpoint(run_.checkpoint, model, meta, extra={
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
                 "val_acc": val_acc, "val_loss": val_loss, "history": history})
         tqdm.write(f"epoch {epoch:3d}/{epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
@@ -138,24 +142,27 @@ def main(argv=None) -> dict:
         raise utils.UserError(f"no epoch was run (--epochs {epochs}); nothing to evaluate")
 
     model.load_state_dict(best["state"])
-    test_loss, test_acc, probs = _evaluate(model, *data["test"], args.batch_size, device)
+    test_loss, test_acc, probs = _evaluate(model, *data["test"], batch_size, device)
     test_labels = data["test"][1].numpy()
+    resolved = {**config.settings(), "epochs": epochs, "batch_size": batch_size,
+                "max_train_per_class": cap or None, "image_size": split["image_size"],
+                "data_root": split["data_root"]}
     summary = {
-        "dataset": dataset, "arch": args.arch, "run_dir": str(run), "image_size": split["image_size"],
+        "dataset": dataset, "arch": args.arch, "run_dir": str(run_.dir), "image_size": split["image_size"],
         "num_classes": split["num_classes"], "class_names": split["class_names"], "counts": counts,
         "best_epoch": best["epoch"], "val_acc": best["val_acc"], "val_loss": best["val_loss"],
         "test_acc": test_acc, "test_loss": test_loss, "test_auc": _auc(test_labels, probs),
-        "settings": {**vars(args), "epochs": epochs, "max_train_per_class": cap or None, "device": str(device),
-                     "threads": torch.get_num_threads()},
+        "settings": {**resolved, "device": str(device), "threads": torch.get_num_threads()},
         "history": history, "seconds": round(time.time() - started, 1),
+        "record": runs.record("train", config.settings(), {}, [run_.checkpoint, run_.split], folder=run_.dir),
     }
     if split["num_classes"] > 2:
         summary["test_kappa"] = float(cohen_kappa_score(test_labels, probs.argmax(1), weights="quadratic"))
-    utils.write_json(run / "train_summary.json", summary)
+    utils.write_json(run_.train_summary, summary)
     print(f"best epoch {best['epoch']} (val acc {best['val_acc']:.4f}); test acc {test_acc:.4f}, "
           f"test AUC {summary['test_auc']:.4f}" +
           (f", quadratic kappa {summary['test_kappa']:.4f}" if "test_kappa" in summary else "") +
-          f"; {summary['seconds']:.0f} s; wrote {run / saver.CHECKPOINT_NAME}")
+          f"; {summary['seconds']:.0f} s; wrote {run_.checkpoint}")
     return summary
 
 

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -66,7 +69,11 @@ def set_seed(seed: int) -> None:
 
 def _atomic_target(path: Path) -> tuple[int, str]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp creates 0600; an artifact gets the mode ``open`` would give it (0666 less the umask)
+    # so that colleagues sharing the runs folder can read it.
+    os.fchmod(fd, 0o666 & ~_umask())
+    return fd, tmp
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -79,6 +86,34 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def replacing_dir(final: str | Path):
+    """Write a folder's new content into a temporary sibling, then swap it into place: the old
+    folder stays whole until the new one is complete (an error or an interrupt leaves it as it was)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    os.chmod(staging, 0o777 & ~_umask())
+    try:
+        yield staging
+        retired = None
+        if final.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+            os.replace(final, retired / final.name)
+        os.replace(staging, final)
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -105,7 +140,7 @@ def read_json(path: str | Path, what: str = "file", hint: str = "") -> Any:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"corrupt {what} {path}: {err}") from None
+        raise UserError(f"corrupt {what} {path}: {err}" + (f"; {hint}" if hint else "")) from None
 
 
 def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
@@ -130,10 +165,13 @@ def load_npz(path: str | Path, what: str = "arrays", hint: str = "") -> dict[str
     if not path.is_file():
         raise UserError(f"missing {what} {path}" + (f"; {hint}" if hint else ""))
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy array, not an archive
+            raise ValueError("not an .npz archive")
+        with data:
             return {key: data[key] for key in data.files}
-    except (ValueError, OSError, EOFError) as err:
-        raise UserError(f"corrupt {what} {path}: {err}") from None
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        raise UserError(f"corrupt {what} {path} ({err})" + (f"; {hint}" if hint else "")) from None
 
 
 def to_float_images(images: np.ndarray) -> torch.Tensor:

@@ -15,7 +15,7 @@ import detectors
 import extract_features
 import features
 import network
-import protocol
+import evaluation
 import saver
 from utils import UserError
 
@@ -43,7 +43,8 @@ def _make_run(root: Path, with_aes: bool = True, n: int = 20) -> Path:
         success = np.ones(n, bool)
         success[[3, n - 2]] = False
         aesets.save_ae_set(run / ATTACK, clean=clean, adv=adv, labels=labels, targets=1 - labels, success=success,
-                           index=np.arange(n)[::-1].copy(), eps=64 / 256, meta={"attack": ATTACK})
+                           index=np.arange(n)[::-1].copy(), eps=64 / 256, meta={"attack": ATTACK},
+                           provenance=("attack", {}, {"checkpoint": run / saver.CHECKPOINT_NAME}))
     return run
 
 
@@ -94,7 +95,7 @@ def test_end_to_end_protocol_and_reload(tmp_path, monkeypatch):
     assert 0 < np.abs(noise["adv"] - noise["clean"]).max() <= 2 / 256 + 1e-6
 
     # the protocol: 70/30 split of A; benign = clean + noise; adversarial = successful AEs only
-    fit_pos, eval_pos = protocol.fit_eval_split(20)
+    fit_pos, eval_pos = evaluation.fit_eval_split(20)
     assert summary["A_fit"] == {"images": 14, "benign": 28, "adv": int(ae["success"][fit_pos].sum())}
     assert summary["A_eval"] == {"images": 6, "benign": 12, "adv": int(ae["success"][eval_pos].sum())}
     assert summary["train_images"] == 30
@@ -130,6 +131,7 @@ def test_noise_set_for_other_images_is_refused(tmp_path, monkeypatch):
     keep = slice(0, 5)
     aesets.save_ae_set(run / "Noise_Linf_2", clean=ae["clean"][keep], adv=ae["clean"][keep],
                        labels=ae["labels"][keep], targets=ae["targets"][keep], success=ae["success"][keep],
-                       index=ae["index"][keep], eps=2 / 256, meta={})
+                       index=ae["index"][keep], eps=2 / 256, meta={},
+                       provenance=("noise", {}, {"checkpoint": run / saver.CHECKPOINT_NAME}))
     with pytest.raises(UserError, match="lacks 15 images"):
         extract_features.main(["-a", "resnet18", "--attack", ATTACK, *FAST])

@@ -14,7 +14,7 @@ import aesets
 import datasets
 import gen_base_adv
 import network
-import protocol
+import evaluation
 import saver
 from utils import UserError
 
@@ -150,7 +150,7 @@ def test_generates_a_checked_reproducible_set(tmp_path, monkeypatch):
     images, labels = datasets.load_part(run, "test")
     with torch.no_grad():
         correct = (model(images).argmax(1) == labels).numpy()
-    expected_index = protocol.eligible_order(correct, 3)[:6]
+    expected_index = evaluation.eligible_order(correct, 3)[:6]
     assert np.array_equal(first["index"], expected_index)
     assert np.array_equal(first["labels"], labels.numpy()[expected_index])
     assert np.array_equal(first["targets"], 1 - first["labels"])

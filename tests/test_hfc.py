@@ -15,6 +15,7 @@ import torch
 import aesets
 import attacks
 import eval as eval_script
+import evaluation
 import extract_features
 import features
 import gen_base_adv
@@ -69,21 +70,22 @@ def test_choose_lambda_takes_the_largest_that_succeeds(monkeypatch):
     def fake_attack(model, term, images, targets, spec, *, lam, **kwargs):
         return images, torch.full((len(images),), lam <= 0.002)
     monkeypatch.setattr(hfc, "hfc_attack", fake_attack)
-    lam, trials = hfc.choose_lambda(None, None, torch.zeros(4, 3, 2, 2), np.zeros(4), None,
-                                    grid=[1, 0.1, 0.01, 0.001, 1e-4], min_success=0.95)
-    assert lam == 0.001
-    assert [t["lamda"] for t in trials] == [1, 0.1, 0.01, 0.001, pytest.approx(np.sqrt(1e-5))]
-    assert [t["fit_success"] for t in trials] == [0, 0, 0, 1, 0]
+    lam, trials, rule = hfc.choose_lambda(None, None, torch.zeros(4, 3, 2, 2), np.zeros(4), None,
+                                          grid=[1, 0.1, 0.01, 0.001, 1e-4], min_success=0.95)
+    assert lam == 0.001 and "0.950" in rule
+    # the base attack (λ = 0, same schedule) is measured first
+    assert [t["lamda"] for t in trials] == [0, 1, 0.1, 0.01, 0.001, pytest.approx(np.sqrt(1e-5))]
+    assert [t["fit_success"] for t in trials] == [1, 0, 0, 0, 1, 0]
     # when the midpoint succeeds it is taken
     monkeypatch.setattr(hfc, "hfc_attack", lambda *a, lam, **k: (a[2], torch.full((4,), lam <= 0.005)))
-    lam, _ = hfc.choose_lambda(None, None, torch.zeros(4, 3, 2, 2), np.zeros(4), None,
-                               grid=[0.01, 0.001], min_success=0.95)
+    lam, _, _ = hfc.choose_lambda(None, None, torch.zeros(4, 3, 2, 2), np.zeros(4), None,
+                                  grid=[0.01, 0.001], min_success=0.95)
     assert lam == pytest.approx(np.sqrt(1e-5))
 
 
-def test_choose_lambda_falls_back_to_the_base_attacks_success(monkeypatch):
-    # The base attack (λ = 0) hits 8 of 10 images: no λ can reach 95 %, so the largest λ that
-    # matches the base attack is taken; when none matches, the best success.
+def test_choose_lambda_bar_is_the_base_attacks_own_success(monkeypatch):
+    # The base attack (λ = 0) hits 8 of 10 images: the bar is 0.8, not 0.95, so the largest λ that
+    # does as well as the base attack is taken; when none does, the best success.
     def attack_hitting(rates):
         def fake_attack(model, term, images, targets, spec, *, lam, **kwargs):
             hits = int(round(rates(lam) * len(images)))
@@ -92,37 +94,28 @@ def test_choose_lambda_falls_back_to_the_base_attacks_success(monkeypatch):
 
     images = torch.zeros(10, 3, 2, 2)
     monkeypatch.setattr(hfc, "hfc_attack", attack_hitting(lambda lam: 0.8 if lam <= 0.01 else 0.3))
-    lam, trials = hfc.choose_lambda(None, None, images, np.zeros(10), None, grid=[1, 0.1, 0.01, 0.001],
-                                    min_success=0.95)
-    assert lam == 0.01 and trials[-1]["lamda"] == 0.0 and trials[-1]["fit_success"] == pytest.approx(0.8)
+    lam, trials, rule = hfc.choose_lambda(None, None, images, np.zeros(10), None, grid=[1, 0.1, 0.01, 0.001],
+                                          min_success=0.95)
+    assert lam == 0.01 and trials[0]["lamda"] == 0.0 and trials[0]["fit_success"] == pytest.approx(0.8)
+    assert "0.800" in rule
     monkeypatch.setattr(hfc, "hfc_attack", attack_hitting(lambda lam: {0: 0.9, 1: 0.5}.get(lam, 0.7)))
-    lam, _ = hfc.choose_lambda(None, None, images, np.zeros(10), None, grid=[1, 0.1, 0.01], min_success=0.95)
-    assert lam == 0.1  # the best success, the larger λ of a tie
+    lam, _, rule = hfc.choose_lambda(None, None, images, np.zeros(10), None, grid=[1, 0.1, 0.01], min_success=0.95)
+    assert lam == 0.1 and "best" in rule  # the best success, the larger λ of a tie
 
 
-def test_results_folders_of_other_settings_do_not_collide(tmp_path):
-    default = hfc.hfc_schedule("APTOS", "resnet50", 1.0)
-    assert hfc.variant_suffix(default, default) == ""
-    assert hfc.variant_suffix((0.05, 40), default) == "_a0.05_T40"
-    assert hfc.variant_suffix(default, default, last_iterate=True) == "_last"
-    names = [hfc.results_folder_name(8, lam, variant) for lam, variant in
-             [(0.01, ""), (0.0316, ""), (0.01, "_a0.05_T40"), (1e-6, "_last")]]
-    assert names == ["hfc_M8_lam0.01", "hfc_M8_lam0.0316", "hfc_M8_lam0.01_a0.05_T40", "hfc_M8_lam1e-06_last"]
-    for name in names:
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "results.json").write_text("{}")
-    assert hfc.find_results(tmp_path, 8, "0.01") == tmp_path / names[0] / "results.json"
-    assert hfc.find_results(tmp_path, 8, "0.01", "_a0.05_T40") == tmp_path / names[2] / "results.json"
-    assert hfc.find_results(tmp_path, 8, "auto", "_last") == tmp_path / names[3] / "results.json"
-    assert hfc.find_results(tmp_path, 8, "auto") in {tmp_path / n / "results.json" for n in names[:2]}
-    assert hfc.find_results(tmp_path, 8, "1") is None and hfc.find_results(tmp_path, 2, "auto") is None
+def test_results_keys_of_other_settings_do_not_collide():
+    keys = [hfc.results_key(8, "auto"), hfc.results_key(8, "1"), hfc.results_key(8, "0.0100"),
+            hfc.results_key(8, "auto", 0.05, 40), hfc.results_key(8, "auto", last_iterate=True),
+            hfc.results_key(2, "AUTO"), hfc.results_key(8, "auto", detector="PGD_Linf_4")]
+    assert keys == ["M8_lamauto", "M8_lam1", "M8_lam0.01", "M8_lamauto_a0.05_T40", "M8_lamauto_last",
+                    "M2_lamauto", "M8_lamauto_detPGD_Linf_4"]
 
 
 def _eval_images(root: Path, n: int = 12):
     run = root / "runs_synthetic" / "resnet18"
     base = aesets.load_ae_set(run / ATTACK)
     model, _ = saver.load_model(run, "cpu")
-    mixtures = gmm.load_mixtures(gmm.mixtures_folder(run, 2))
+    mixtures = gmm.load_mixtures(run / "gmm_M2")
     return run, model, mixtures, torch.from_numpy(base["clean"][:n]), base["targets"][:n], base
 
 
@@ -138,11 +131,11 @@ def test_lambda_zero_is_the_base_attack_and_lambda_pulls_features_in(pipeline):
 
     hidden, _ = hfc.hfc_attack(model, term, clean, targets, spec, lam=1.0, **kwargs)
     rows = {"base": (plain.numpy(), np.ones(len(clean), bool)), "hfc": (hidden.numpy(), np.ones(len(clean), bool))}
-    loglik = hfc.mixture_log_likelihood(model, mixtures, rows, targets, "cpu")
+    loglik = evaluation.mixture_log_likelihood(model, mixtures, rows, targets, "cpu")
     assert loglik["hfc"] > loglik["base"]
     # features already extracted (as score_rows returns them) give the same values
     extracted = {row: features.adv_set(model, adv, success, "cpu", progress=False) for row, (adv, success) in rows.items()}
-    again = hfc.mixture_log_likelihood(model, mixtures, rows, targets, "cpu", extracted=extracted)
+    again = evaluation.mixture_log_likelihood(model, mixtures, rows, targets, "cpu", extracted=extracted)
     assert again == pytest.approx(loglik, rel=1e-5)
     assert (hidden - clean).abs().max() <= spec.eps + 1e-6
 
@@ -171,7 +164,7 @@ def test_normalised_term_with_the_cw_loss(pipeline, monkeypatch):
     both = plain_success & success
     assert both.any()
     rows = {"base": (plain.numpy(), both.numpy()), "hfc": (hidden.numpy(), both.numpy())}
-    loglik = hfc.mixture_log_likelihood(model, mixtures, rows, targets, "cpu")
+    loglik = evaluation.mixture_log_likelihood(model, mixtures, rows, targets, "cpu")
     assert loglik["hfc"] > loglik["base"]
 
 
@@ -191,7 +184,7 @@ def test_gmm_attack_eval_and_reproduce_end_to_end(pipeline, monkeypatch):
     for name, rows in results["detectors"].items():
         assert rows["base"]["auc"] == pytest.approx(fitted_summary["detectors"][name]["auc"], abs=1e-12), name
         assert rows["base"]["tnr90"] == pytest.approx(fitted_summary["detectors"][name]["tnr90"], abs=1e-12), name
-    folder = pipeline / "runs_synthetic" / "resnet18" / ATTACK / f"hfc_M2_lam{results['lamda']:.3g}"
+    folder = pipeline / "runs_synthetic" / "resnet18" / ATTACK / "hfc_M2_lamauto"
     assert json.loads((folder / "results.json").read_text())["n_eval"] == results["n_eval"]
     assert "| KD |" in (folder / "results.md").read_text()
     hfc_set = aesets.load_ae_set(folder)  # checked: L∞ ≤ ε, range, shapes
@@ -209,12 +202,37 @@ def test_gmm_attack_eval_and_reproduce_end_to_end(pipeline, monkeypatch):
     assert "layer_auc" not in results["detectors"]["SVM"]["hfc"]
     assert "MAHA: AUC of each layer's score" in (folder / "results.md").read_text()
 
-    # reproduce.py finds every artifact, skips every stage and writes the report
-    summary = reproduce.main(["-a", "resnet18", "--attack", ATTACK, "-y", "2", "--device", "cpu"])
+    # reproduce.py composed with the same settings finds every artifact up to date, skips every
+    # stage and writes the report
+    summary = reproduce.run(*_reproduce_same_settings())
     assert summary["stage_seconds"] == {}
     out = pipeline / "runs_synthetic" / "resnet18" / "report"
     for name in ("table.md", "report.json", "auc_before_after.png", "feature_space.png"):
         assert (out / name).stat().st_size > 0, name
+
+
+def _reproduce_same_settings():
+    """reproduce.py's config (+ stage overrides) with the settings the fixtures used."""
+    config = reproduce.Config(arch="resnet18", attack=ATTACK, num_component=2, device="cpu", image_size=32,
+                              epochs=2)
+    overrides = {"train": {"synthetic_train": 120, "synthetic_test": 60, "batch_size": 32},
+                 "detectors": {"bu_passes": 5, "lid_k": 5, "lid_batch": 20, "dnn_epochs": 2, "train_limit": 60,
+                               "batch_size": 16},
+                 "hfc": {"tune_images": 8}}
+    return config, overrides
+
+
+def test_reproduce_runs_its_own_auto_lambda_after_a_manual_run(pipeline, monkeypatch):
+    """A manual ``--lamda 1e-6`` run never answers for reproduce.py's ``--lamda auto``."""
+    monkeypatch.chdir(pipeline)
+    attack_dir = pipeline / "runs_synthetic" / "resnet18" / ATTACK
+    shutil.rmtree(attack_dir / "hfc_M2_lamauto", ignore_errors=True)
+    manual = gmm_attack.main(["-a", "resnet18", "--device", "cpu", "-y", "2", "--attack", ATTACK, "--lamda", "1e-6"])
+    assert manual["lamda"] == 1e-6 and (attack_dir / "hfc_M2_lam1e-06" / "results.json").is_file()
+    summary = reproduce.run(*_reproduce_same_settings())
+    assert list(summary["stage_seconds"]) == ["hfc"]  # every other stage was up to date
+    assert summary["results"].endswith("hfc_M2_lamauto/results.json")
+    assert summary["record"]["settings"]["lamda"] == "auto" and summary["lamda_rule"] != "given"
 
 
 def test_gmm_attack_error_paths(pipeline, tmp_path, monkeypatch):

@@ -1,0 +1,148 @@
+"""The evaluation protocol (docs/PROTOCOL.md §6): the set A, its A_fit / A_eval parts, the benign
+and adversarial sets, the one producer of the noise set, and the scoring of every table.
+
+A = the correctly classified test images in a seeded order (fixed by ``gen_base_adv.py`` and
+saved with every AE set). The first 70% of A is A_fit, the rest A_eval: detectors are fitted on
+A_fit and scored on A_eval; the HFC attack attacks A_eval. Benign = the clean images and their
+noise versions (``Noise_Linf_<k>``, made by ``make_noise_set`` only); adversarial = the
+successful AEs. ``score_rows`` scores any number of AE rows of the same images against the same
+benign set with the same detectors: the "base" and "HFC" rows of a table come from one code path.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+import aesets
+import attacks
+import detectors
+import features
+import gmm
+import runs
+from utils import UserError
+
+REMAKE_HINT = "re-make it for the same images (same --seed and --limit)"
+
+FIT_FRACTION = 0.7
+
+
+def fit_eval_split(n: int, fit_fraction: float = FIT_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (into A) of A_fit and A_eval: a prefix and the rest of the seeded order."""
+    n_fit = int(round(fit_fraction * n))
+    return np.arange(n_fit), np.arange(n_fit, n)
+
+
+def eligible_order(correct: np.ndarray, seed: int) -> np.ndarray:
+    """Indices of the correctly classified test images, in the seeded order that defines A."""
+    candidates = np.flatnonzero(np.asarray(correct, dtype=bool))
+    return candidates[np.random.default_rng(seed).permutation(len(candidates))]
+
+
+def choose_targets(labels: np.ndarray, num_classes: int, seed: int) -> np.ndarray:
+    """Attack targets: the other class when binary, else a seeded random other class."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if num_classes == 2:
+        return 1 - labels
+    shift = np.random.default_rng(seed + 1).integers(1, num_classes, size=len(labels))
+    return (labels + shift) % num_classes
+
+
+def make_noise_set(run: runs.Run, model, noise: str, clean: np.ndarray, labels: np.ndarray, targets: np.ndarray,
+                   index: np.ndarray, *, seed: int, batch_size: int, device, made_by: str,
+                   extra_meta: dict[str, Any] | None = None, settings: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+    """The benign noisy versions (``Noise_Linf_<k>``: uniform noise in [−ε, ε], clipped) of the
+    given images of A, saved as an AE set in ``run``; the one place a noise set is made."""
+    spec = attacks.parse_attack(noise)
+    if spec.method != "Noise":
+        raise UserError(f"--noise must be a Noise_Linf_<k> set, not {noise!r}")
+    adv, success = attacks.run_attack(model, torch.from_numpy(np.asarray(clean)), targets, spec, seed=seed,
+                                      batch_size=batch_size, device=device, progress=False)
+    settings = {**(settings or {}), "attack": spec.name, "seed": seed, "images": runs.array_digest(index)}
+    meta = {"attack": spec.name, "method": spec.method, "dataset": run.dataset, "arch": model.arch,
+            "run": str(run.dir), "image_size": int(np.asarray(clean).shape[-1]), "seed": seed, "made_by": made_by,
+            **(extra_meta or {})}
+    return aesets.save_ae_set(run.ae_dir(spec.name), clean=clean, adv=adv, labels=labels, targets=targets,
+                              success=success, index=index, eps=spec.eps, meta=meta,
+                              provenance=("noise", settings, {"checkpoint": run.checkpoint}))
+
+
+def noise_versions(run: runs.Run, noise: str, base: dict[str, Any], *, hint: str) -> np.ndarray:
+    """The noise versions of the images of the AE set ``base``, in its order; a UserError (with
+    ``hint``) when the noise set is missing, stale (made from another model) or lacks some images."""
+    folder = run.ae_dir(attacks.parse_attack(noise).name)
+    noise_set = aesets.load_ae_set(folder, hint=hint)
+    runs.require_fresh(folder / aesets.SUMMARY_FILE, {"checkpoint": run.checkpoint}, f"noise set {noise}", hint)
+    rows = aesets.rows_of(noise_set, base["index"], f"noise set {folder}", hint)
+    if not np.array_equal(noise_set["clean"][rows], base["clean"]):
+        raise UserError(f"the clean images of {folder} differ from those of the attack set; {hint}")
+    return noise_set["adv"][rows]
+
+
+def load_protocol_sets(run: runs.Run, attack: str, noise: str) -> dict[str, Any]:
+    """A (the base attack's set, checked fresh against the checkpoint), its A_fit / A_eval
+    positions and the noise versions of A."""
+    base_dir = run.ae_dir(attack)
+    base = aesets.load_ae_set(base_dir, hint=run.hint("attack", f"--attack {attack}"))
+    runs.require_fresh(base_dir / aesets.SUMMARY_FILE, {"checkpoint": run.checkpoint}, f"AE set {attack}",
+                       run.hint("attack", f"--attack {attack}").replace(" first", " again"))
+    noisy = noise_versions(run, noise, base, hint=run.hint("detectors", f"--attack {attack}"))
+    fit_pos, eval_pos = fit_eval_split(len(base["index"]))
+    return {"base": base, "noisy": noisy, "fit": fit_pos, "eval": eval_pos}
+
+
+def score_rows(model, fitted: dict[str, detectors.Detector], clean: np.ndarray, noisy: np.ndarray,
+               rows: dict[str, tuple[np.ndarray, np.ndarray]], *, device, batch_size: int = 32
+               ) -> tuple[dict[str, dict[str, dict]], dict[str, float], dict[str, features.FeatureSet]]:
+    """Score benign (clean + noisy) against each row's successful AEs with every detector.
+
+    ``rows`` maps a row name ("base", "hfc", ...) to (AE images, success) of the same images as
+    ``clean``. The feature sets are built exactly as ``extract_features.py`` builds them
+    (``features.benign_set`` and ``features.adv_set``), so a row scored here equals the same row scored there; the
+    benign set is extracted and scored once for all rows.
+    Returns ({detector: {row: detection report}}, {row: success rate}, {row: features of its
+    successful AEs}); the reports of the per-layer detectors (KD, LID, MAHA, DNN) carry
+    ``layer_auc`` {layer name: AUC of that layer's score}."""
+    keep_maps = fitted["DNN"].layers if "DNN" in fitted else ()
+    success_rates, adv_rows = {}, {}
+    for row, (adv, success) in rows.items():
+        success = np.asarray(success, dtype=bool)
+        success_rates[row] = float(success.mean()) if len(success) else 0.0
+        if success.sum() < 1:
+            raise UserError(f"no successful {row} AE among {len(success)} evaluation images: nothing to score")
+        adv_rows[row] = features.adv_set(model, adv, success, device, batch_size, keep_maps, desc=f"{row}: ")
+    benign = features.benign_set(model, clean, noisy, device, batch_size, keep_maps)
+    # Per-layer AUCs cost nothing more (the combined score is made from the layer scores).
+    table = detectors.evaluate_rows(fitted, model, benign, adv_rows, per_layer=True, progress=True)
+    return table, success_rates, adv_rows
+
+
+@torch.no_grad()
+def mixture_log_likelihood(model, mixtures: gmm.Mixtures, rows: dict[str, tuple[np.ndarray, np.ndarray]],
+                           targets: np.ndarray, device, batch_size: int = 64,
+                           extracted: dict[str, features.FeatureSet] | None = None) -> dict[str, float]:
+    """Per row, the mean over successful AEs and kept layers of the target class's mixture
+    log-likelihood of the AE's pooled features: how typical of the target class they look.
+    ``extracted`` (as ``score_rows`` returns it) holds rows whose successful AEs' features are
+    already extracted."""
+    out = {}
+    for row, (adv, success) in rows.items():
+        success = np.asarray(success, dtype=bool)
+        if not success.any():
+            out[row] = float("nan")
+            continue
+        feats = (extracted or {}).get(row)
+        if feats is None:
+            feats = features.adv_set(model, adv, success, device, batch_size, progress=False)
+        t = np.asarray(targets)[success]
+        per_layer = []
+        for layer in mixtures.layers:
+            ll = np.empty(len(t))
+            for cls in np.unique(t):
+                rows_c = t == cls
+                ll[rows_c] = mixtures.log_likelihood(layer, int(cls), feats.pooled[layer][rows_c])
+            per_layer.append(ll.mean())
+        out[row] = float(np.mean(per_layer))
+    return out
