@@ -109,18 +109,18 @@ def _layer_names(model, feats: FeatureSet) -> list[str]:
 
 def resolve_layers(spec, model, num_layers: int, *, conv_only: bool = False) -> list[int]:
     """Layer choice -> sorted feature indices. ``"all"``; ``"stages"`` (the stage-end conv taps,
-    see ``features.stage_end_layers``, plus -- unless ``conv_only`` -- the FC taps that are not a
+    ``model.stage_end_layers``, plus -- unless ``conv_only`` -- the FC taps that are not a
     mere copy of the pooled map before them); or indices as a list or "3,7,-1" (negative =
     from the end). A malformed or out-of-range choice is a UserError."""
     conv = list(getattr(model, "conv_layers", range(num_layers)))
     if spec in (None, "all"):
         return conv if conv_only else list(range(num_layers))
     if spec == "stages":
-        if model is None or not hasattr(model, "conv_layers"):
+        if model is None or not hasattr(model, "stage_end_layers"):
             raise ValueError('layers="stages" needs a HierarchicalNet (use "all" or indices)')
-        chosen = feature_lib.stage_end_layers(model)
+        chosen = list(model.stage_end_layers)
         if not conv_only:
-            copies = set(feature_lib.pooled_copies(model))
+            copies = set(model.pooled_copy_layers)
             chosen += [i for i in range(num_layers) if i not in set(conv) and i not in copies]
         return sorted(chosen)
     try:
@@ -584,7 +584,7 @@ class MAHA(LayerDetector):
                     (grad,) = torch.autograd.grad(loss, x, retain_graph=column < len(self.layers) - 1)
                     moved = x.detach() - self.magnitude * grad.sign()
                     with torch.no_grad():
-                        feature = network.pooled(feature_lib.layer_forward(model, layer)(moved))
+                        feature = network.pooled(model.forward_to(moved, layer))
                     out[part, column] = self._distance(layer, feature.float().cpu().numpy())
         return out
 

@@ -206,7 +206,7 @@ def tiny():
     clean = torch.rand(30, 3, 32, 32, generator=gen)
     noise = (clean + (torch.rand(clean.shape, generator=gen) * 2 - 1) * 2 / 256).clamp(0, 1)
     adv = (clean + 0.25 * torch.sign(torch.randn(clean.shape, generator=gen))).clamp(0, 1)
-    layers = features.stage_end_layers(model)
+    layers = model.stage_end_layers
     train = features.extract(model, train_x, progress=False, labels=np.arange(60) % 2)
     sets = {k: features.extract(model, v, batch_size=8, progress=False, keep_maps=layers)
             for k, v in {"clean": clean, "noise": noise, "adv": adv}.items()}
@@ -224,9 +224,9 @@ def test_extract_matches_forward_features(tiny):
     assert len(train.pooled) == len(model.layer_names)
     for mine, theirs in zip(train.pooled, pooled):
         np.testing.assert_allclose(mine[:4], theirs.numpy(), rtol=1e-5, atol=1e-6)
-    assert [model.layer_names[i] for i in features.stage_end_layers(model)] == [
+    assert [model.layer_names[i] for i in model.stage_end_layers] == [
         "layer1.1.relu_1", "layer2.1.relu_1", "layer3.1.relu_1", "layer4.1.relu_1"]
-    assert [model.layer_names[i] for i in features.pooled_copies(model)] == ["flatten"]
+    assert [model.layer_names[i] for i in model.pooled_copy_layers] == ["flatten"]
 
 
 def test_maha_preprocessing_decreases_the_distance(tiny):
