@@ -1,17 +1,22 @@
 """The seven feature-space detectors behind one interface (docs/PROTOCOL.md §6).
 
-Every detector has the same contract:
+Every detector has the same contract, and follows scikit-learn's estimator conventions (it is
+a ``sklearn.base.BaseEstimator``, which gives ``get_params``/``set_params``, ``clone`` and the
+repr): the constructor only stores its parameters, verbatim, under their own names; they are
+checked at ``fit``; everything ``fit`` learns ends with an underscore (``layer_names_``,
+``fit_seconds_``, ``layers_``, ``logistic_``, ...); scoring before ``fit`` (or ``load``) raises
+``sklearn.exceptions.NotFittedError`` (a ValueError).
 
 - ``fit(model, train, benign, adv)``: ``train`` = training-set FeatureSet with labels (class
   statistics for KD, MAHA; LID's reference batch), ``benign`` = A_fit clean + noise versions,
   ``adv`` = the successful A_fit AEs;
 - ``score(model, feats) -> np.ndarray`` (N,), higher = more adversarial;
 - per-layer detectors (KD, LID, MAHA, DNN) also give ``layer_scores(model, feats)`` (N×L over
-  ``detector.layers``) and ``combine(layer_scores)``; ``score == combine(layer_scores)``;
-- ``save(folder)`` / ``Class.load(folder)`` without pickle: ``settings.json`` (constructor
-  settings and small state), ``arrays.npz`` (every fitted array, in the dtype the scoring code
-  reads, so a loaded detector gives bit-identical scores), and for DNN ``heads.pt`` (state
-  dicts, loaded with ``weights_only=True``). scikit-learn is used for fitting only; scores are
+  ``detector.layers_``) and ``combine(layer_scores)``; ``score == combine(layer_scores)``;
+- ``save(folder)`` / ``Class.load(folder)`` without pickle: ``settings.json`` (``get_params()``,
+  the fitted layer names, the fit time and small state), ``arrays.npz`` (every fitted array,
+  in the dtype the scoring code reads, so a loaded detector gives bit-identical scores), and
+  for DNN ``heads.pt`` (state dicts, loaded with ``weights_only=True``). scikit-learn is used for fitting only; scores are
   computed here from the saved arrays (logistic regression, standardisation, RBF SVM).
 
 ``evaluate`` is the one scoring path for every row of every table (base and HFC AEs alike).
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import io
 import math
+import numbers
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,10 +36,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.linalg import solve_triangular
 from scipy.special import logsumexp
+from sklearn.base import BaseEstimator
 from sklearn.covariance import ledoit_wolf
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.svm import SVC
+from sklearn.utils.validation import check_is_fitted
 from tqdm import tqdm
 
 import features as feature_lib
@@ -54,11 +62,9 @@ class StandardisedLogistic:
 
     C is chosen from ``LOGISTIC_CS`` by stratified 5-fold cross-validated log loss (seeded), as
     the original detectors' ``LogisticRegressionCV`` does, then refitted on all samples.
+    Fitted: ``mean_``, ``scale_``, ``coef_``, ``intercept_`` (saved under the keys
+    ``<prefix>mean``, ``<prefix>scale``, ``<prefix>coef``, ``<prefix>intercept``).
     """
-
-    def __init__(self):
-        self.mean = self.scale = self.coef = None
-        self.intercept = np.zeros(1)
 
     def fit(self, inputs: np.ndarray, is_adv: np.ndarray, seed: int) -> "StandardisedLogistic":
         inputs = np.asarray(inputs, np.float64)
@@ -66,10 +72,10 @@ class StandardisedLogistic:
         counts = np.bincount(is_adv, minlength=2)
         if counts.min() == 0:
             raise ValueError("logistic regression needs benign and adversarial samples")
-        self.mean = inputs.mean(axis=0)
+        self.mean_ = inputs.mean(axis=0)
         scale = inputs.std(axis=0)
-        self.scale = np.where(scale > 1e-12, scale, 1.0)
-        z = (inputs - self.mean) / self.scale
+        self.scale_ = np.where(scale > 1e-12, scale, 1.0)
+        z = (inputs - self.mean_) / self.scale_
         best_c = 1.0
         folds = int(min(5, counts.min()))
         if folds >= 2:
@@ -78,23 +84,23 @@ class StandardisedLogistic:
                                       scoring="neg_log_loss").mean() for c in LOGISTIC_CS]
             best_c = LOGISTIC_CS[int(np.argmax(losses))]
         model = LogisticRegression(C=best_c, max_iter=5000).fit(z, is_adv)
-        self.coef = model.coef_[0].astype(np.float64)
-        self.intercept = model.intercept_.astype(np.float64)
+        self.coef_ = model.coef_[0].astype(np.float64)
+        self.intercept_ = model.intercept_.astype(np.float64)
         return self
 
     def decision(self, inputs: np.ndarray) -> np.ndarray:
-        z = (np.asarray(inputs, np.float64) - self.mean) / self.scale
-        return z @ self.coef + self.intercept[0]
+        z = (np.asarray(inputs, np.float64) - self.mean_) / self.scale_
+        return z @ self.coef_ + self.intercept_[0]
 
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:
-        return {f"{prefix}mean": self.mean, f"{prefix}scale": self.scale,
-                f"{prefix}coef": self.coef, f"{prefix}intercept": self.intercept}
+        return {f"{prefix}mean": self.mean_, f"{prefix}scale": self.scale_,
+                f"{prefix}coef": self.coef_, f"{prefix}intercept": self.intercept_}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> "StandardisedLogistic":
         out = cls()
-        out.mean, out.scale = arrays[f"{prefix}mean"], arrays[f"{prefix}scale"]
-        out.coef, out.intercept = arrays[f"{prefix}coef"], arrays[f"{prefix}intercept"]
+        out.mean_, out.scale_ = arrays[f"{prefix}mean"], arrays[f"{prefix}scale"]
+        out.coef_, out.intercept_ = arrays[f"{prefix}coef"], arrays[f"{prefix}intercept"]
         return out
 
 
@@ -109,18 +115,18 @@ def _layer_names(model, feats: FeatureSet) -> list[str]:
 
 def resolve_layers(spec, model, num_layers: int, *, conv_only: bool = False) -> list[int]:
     """Layer choice -> sorted feature indices. ``"all"``; ``"stages"`` (the stage-end conv taps,
-    see ``features.stage_end_layers``, plus -- unless ``conv_only`` -- the FC taps that are not a
+    ``model.stage_end_layers``, plus -- unless ``conv_only`` -- the FC taps that are not a
     mere copy of the pooled map before them); or indices as a list or "3,7,-1" (negative =
     from the end). A malformed or out-of-range choice is a UserError."""
     conv = list(getattr(model, "conv_layers", range(num_layers)))
     if spec in (None, "all"):
         return conv if conv_only else list(range(num_layers))
     if spec == "stages":
-        if model is None or not hasattr(model, "conv_layers"):
+        if model is None or not hasattr(model, "stage_end_layers"):
             raise ValueError('layers="stages" needs a HierarchicalNet (use "all" or indices)')
-        chosen = feature_lib.stage_end_layers(model)
+        chosen = list(model.stage_end_layers)
         if not conv_only:
-            copies = set(feature_lib.pooled_copies(model))
+            copies = set(model.pooled_copy_layers)
             chosen += [i for i in range(num_layers) if i not in set(conv) and i not in copies]
         return sorted(chosen)
     try:
@@ -145,23 +151,56 @@ def _squared_distances(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.maximum(sq, 0.0)
 
 
+# --------------------------------------------------------------------------- parameter checks
+def _check_integer(detector: "Detector", param: str, minimum: int | None = None) -> None:
+    value = getattr(detector, param)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or \
+            (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise UserError(f"{detector.name} detector: {param} must be an integer{bound}, got {value!r}")
+
+
+def _check_real(detector: "Detector", param: str, minimum: float = 0.0, inclusive: bool = False) -> None:
+    value = getattr(detector, param)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or \
+            value < minimum or (value == minimum and not inclusive):
+        raise UserError(f"{detector.name} detector: {param} must be a number {'>=' if inclusive else '>'} "
+                        f"{minimum:g}, got {value!r}")
+
+
+def _check_layer_choice(detector: "Detector", param: str = "layers") -> None:
+    """Only the kind here ("all", "stages", "3,7,-1", a list of ints or None); ``resolve_layers``
+    checks the indices against the model at fit."""
+    value = getattr(detector, param)
+    if value is None or isinstance(value, str):
+        return
+    if isinstance(value, (list, tuple)) and all(isinstance(i, numbers.Integral) and not isinstance(i, bool)
+                                                for i in value):
+        return
+    raise UserError(f"{detector.name} detector: {param} must be 'all', 'stages' or layer indices, got {value!r}")
+
+
 # --------------------------------------------------------------------------- the base class
-class Detector:
-    """Common plumbing: settings, fitted layer names, save/load."""
+class Detector(BaseEstimator):
+    """Common plumbing: parameters (scikit-learn conventions), fit timing, fitted check,
+    save/load.
+
+    Subclasses list every parameter in ``__init__`` and store it verbatim under its own name;
+    ``_check_params`` validates them (called by ``fit``) and ``_fit`` learns the ``*_``
+    attributes. ``fit`` itself records ``layer_names_`` and ``fit_seconds_``.
+    """
 
     name = ""
     per_layer = False
 
     def __init__(self, seed: int = 0):
-        self.seed = int(seed)
-        self.layer_names: list[str] = []
-        self.fit_seconds = float("nan")
+        self.seed = seed
 
     # -- to implement
-    def settings(self) -> dict[str, Any]:
-        return {"seed": self.seed}
+    def _check_params(self) -> None:
+        _check_integer(self, "seed", 0)
 
-    def fit(self, model, train: FeatureSet, benign: FeatureSet, adv: FeatureSet) -> "Detector":
+    def _fit(self, model, train: FeatureSet, benign: FeatureSet | None, adv: FeatureSet | None) -> None:
         raise NotImplementedError
 
     def score(self, model, feats: FeatureSet) -> np.ndarray:
@@ -174,22 +213,35 @@ class Detector:
         pass
 
     # -- shared
-    def _start_fit(self, model, feats: FeatureSet) -> None:
-        self.layer_names = _layer_names(model, feats)
+    def fit(self, model, train: FeatureSet, benign: FeatureSet | None = None,
+            adv: FeatureSet | None = None) -> "Detector":
+        """Check the parameters, then learn from ``train`` (class statistics, LID's reference
+        batch) and A_fit's ``benign`` and ``adv`` sets; returns self."""
+        self._check_params()
+        start = time.perf_counter()
+        self.layer_names_ = _layer_names(model, train)
+        self._fit(model, train, benign, adv)
+        self.fit_seconds_ = time.perf_counter() - start
+        return self
+
+    def _check_fitted(self) -> None:
+        check_is_fitted(self, "layer_names_", msg=f"{self.name} detector is not fitted: call "
+                                                   "fit(model, train, benign, adv) or load(folder) first")
 
     def _check(self, feats: FeatureSet) -> None:
-        if not self.layer_names:
-            raise ValueError(f"{self.name} is not fitted")
-        if len(feats.pooled) != len(self.layer_names):
-            raise ValueError(f"{self.name} was fitted on {len(self.layer_names)} layers, "
+        self._check_fitted()
+        if len(feats.pooled) != len(self.layer_names_):
+            raise ValueError(f"{self.name} was fitted on {len(self.layer_names_)} layers, "
                              f"the features have {len(feats.pooled)}")
 
     def save(self, folder: str | Path) -> None:
+        self._check_fitted()
         folder = Path(folder)
         state, arrays = self._state()
         save_npz(folder / ARRAYS_FILE, **arrays)
-        write_json(folder / SETTINGS_FILE, {"name": self.name, "settings": self.settings(),
-                                            "layer_names": self.layer_names, "state": state})
+        write_json(folder / SETTINGS_FILE, {"name": self.name, "settings": self.get_params(),
+                                            "layer_names": self.layer_names_, "fit_seconds": self.fit_seconds_,
+                                            "state": state})
 
     @classmethod
     def load(cls, folder: str | Path) -> "Detector":
@@ -199,20 +251,18 @@ class Detector:
         if saved.get("name") != cls.name:
             raise UserError(f"{folder} holds a {saved.get('name')!r} detector, not {cls.name}")
         detector = cls(**saved["settings"])
-        detector.layer_names = list(saved["layer_names"])
+        detector.layer_names_ = list(saved["layer_names"])
+        detector.fit_seconds_ = float(saved.get("fit_seconds", float("nan")))  # absent in older folders
         detector._restore(saved["state"], load_npz(folder / ARRAYS_FILE, f"{cls.name} detector arrays", hint),
                           folder)
         return detector
 
 
 class LayerDetector(Detector):
-    """A detector with one score per layer, combined into the final score."""
+    """A detector with one score per layer (over the fitted ``layers_``), combined into the
+    final score."""
 
     per_layer = True
-
-    def __init__(self, seed: int = 0):
-        super().__init__(seed)
-        self.layers: list[int] = []
 
     def layer_scores(self, model, feats: FeatureSet) -> np.ndarray:
         raise NotImplementedError
@@ -255,68 +305,65 @@ class KD(LayerDetector):
     name = "KD"
 
     def __init__(self, bandwidth: float = 1.0, layers="all", score_layer: int = -1, seed: int = 0):
-        super().__init__(seed)
-        self.bandwidth = float(bandwidth)
-        self.layers_spec = layers
-        self.score_layer_spec = int(score_layer)
-        self.score_layer = -1
-        self.train_features: dict[int, np.ndarray] = {}
-        self.train_labels = np.zeros(0, np.int64)
-        self.num_classes = 0
+        self.bandwidth = bandwidth
+        self.layers = layers
+        self.score_layer = score_layer
+        self.seed = seed
 
-    def settings(self) -> dict[str, Any]:
-        return {"bandwidth": self.bandwidth, "layers": self.layers_spec, "score_layer": self.score_layer_spec,
-                "seed": self.seed}
+    def _check_params(self):
+        super()._check_params()
+        _check_real(self, "bandwidth")
+        _check_layer_choice(self)
+        _check_integer(self, "score_layer")
 
-    def fit(self, model, train, benign=None, adv=None) -> "KD":
+    def _fit(self, model, train, benign=None, adv=None):
         if train.labels is None:
             raise ValueError("KD needs the training labels")
-        self._start_fit(model, train)
         num_layers = len(train.pooled)
-        self.score_layer = self.score_layer_spec % num_layers
-        layers = set(resolve_layers(self.layers_spec, model, num_layers)) | {self.score_layer}
-        self.layers = sorted(layers)
-        self.num_classes = int(train.logits.shape[1])
-        missing = sorted(set(range(self.num_classes)) - set(np.unique(train.labels).tolist()))
+        if not -num_layers <= self.score_layer < num_layers:
+            raise UserError(f"KD detector: score_layer {self.score_layer} is out of range for {num_layers} layers")
+        self.score_layer_ = self.score_layer % num_layers
+        self.layers_ = sorted(set(resolve_layers(self.layers, model, num_layers)) | {self.score_layer_})
+        self.num_classes_ = int(train.logits.shape[1])
+        missing = sorted(set(range(self.num_classes_)) - set(np.unique(train.labels).tolist()))
         if missing:
             raise ValueError(f"KD: classes {missing} have no training samples")
-        self.train_labels = train.labels.astype(np.int64)
-        self.train_features = {i: train.pooled[i].astype(np.float32) for i in self.layers}
-        return self
+        self.train_labels_ = train.labels.astype(np.int64)
+        self.train_features_ = {i: train.pooled[i].astype(np.float32) for i in self.layers_}
 
     def _layer_score(self, feats: FeatureSet, layer: int) -> np.ndarray:
         predicted = feats.predictions
         points = np.asarray(feats.pooled[layer], np.float64)
         out = np.empty(len(feats))
-        for c in range(self.num_classes):
+        for c in range(self.num_classes_):
             rows = predicted == c
             if rows.any():
-                samples = self.train_features[layer][self.train_labels == c]
+                samples = self.train_features_[layer][self.train_labels_ == c]
                 out[rows] = -gaussian_kde_log_density(points[rows], samples, self.bandwidth)
         return out
 
     def layer_scores(self, model, feats):
         self._check(feats)
-        return np.stack([self._layer_score(feats, layer) for layer in self.layers], axis=1)
+        return np.stack([self._layer_score(feats, layer) for layer in self.layers_], axis=1)
 
     def combine(self, layer_scores):
-        return layer_scores[:, self.layers.index(self.score_layer)]
+        return layer_scores[:, self.layers_.index(self.score_layer_)]
 
     def score(self, model, feats):
         # Only the score layer: the same per-layer function, so equal to combine(layer_scores).
         self._check(feats)
-        return self._layer_score(feats, self.score_layer)
+        return self._layer_score(feats, self.score_layer_)
 
     def _state(self):
-        arrays = {"train_labels": self.train_labels,
-                  **{f"train_{i}": f for i, f in self.train_features.items()}}
-        return {"layers": self.layers, "score_layer": self.score_layer, "num_classes": self.num_classes}, arrays
+        arrays = {"train_labels": self.train_labels_,
+                  **{f"train_{i}": f for i, f in self.train_features_.items()}}
+        return {"layers": self.layers_, "score_layer": self.score_layer_, "num_classes": self.num_classes_}, arrays
 
     def _restore(self, state, arrays, folder):
-        self.layers, self.score_layer = list(state["layers"]), int(state["score_layer"])
-        self.num_classes = int(state["num_classes"])
-        self.train_labels = arrays["train_labels"]
-        self.train_features = {i: arrays[f"train_{i}"] for i in self.layers}
+        self.layers_, self.score_layer_ = list(state["layers"]), int(state["score_layer"])
+        self.num_classes_ = int(state["num_classes"])
+        self.train_labels_ = arrays["train_labels"]
+        self.train_features_ = {i: arrays[f"train_{i}"] for i in self.layers_}
 
 
 # --------------------------------------------------------------------------- BU
@@ -333,16 +380,17 @@ class BU(Detector):
     name = "BU"
 
     def __init__(self, passes: int = 50, batch_size: int = 256, seed: int = 0):
-        super().__init__(seed)
-        self.passes = int(passes)
-        self.batch_size = int(batch_size)
+        self.passes = passes
+        self.batch_size = batch_size
+        self.seed = seed
 
-    def settings(self):
-        return {"passes": self.passes, "batch_size": self.batch_size, "seed": self.seed}
+    def _check_params(self):
+        super()._check_params()
+        _check_integer(self, "passes", 1)
+        _check_integer(self, "batch_size", 1)
 
-    def fit(self, model, train, benign=None, adv=None) -> "BU":
-        self._start_fit(model, train)
-        return self
+    def _fit(self, model, train, benign=None, adv=None):
+        pass  # nothing to learn but the layer names
 
     @torch.no_grad()
     def score(self, model, feats):
@@ -371,38 +419,42 @@ class KDBU(Detector):
     name = "KD+BU"
 
     def __init__(self, bandwidth: float = 1.0, passes: int = 50, seed: int = 0):
-        super().__init__(seed)
-        self.kd = KD(bandwidth=bandwidth, layers=[-1], seed=seed)
-        self.bu = BU(passes=passes, seed=seed)
-        self.logistic = StandardisedLogistic()
+        self.bandwidth = bandwidth
+        self.passes = passes
+        self.seed = seed
 
-    def settings(self):
-        return {"bandwidth": self.kd.bandwidth, "passes": self.bu.passes, "seed": self.seed}
+    def _check_params(self):
+        super()._check_params()
+        _check_real(self, "bandwidth")
+        _check_integer(self, "passes", 1)
+
+    def _parts(self) -> tuple[KD, BU]:
+        return KD(bandwidth=self.bandwidth, layers=[-1], seed=self.seed), BU(passes=self.passes, seed=self.seed)
 
     def _pair(self, model, feats):
-        return np.stack([self.kd.score(model, feats), self.bu.score(model, feats)], axis=1)
+        return np.stack([self.kd_.score(model, feats), self.bu_.score(model, feats)], axis=1)
 
-    def fit(self, model, train, benign, adv) -> "KDBU":
-        self._start_fit(model, train)
-        self.kd.fit(model, train)
-        self.bu.fit(model, train)
+    def _fit(self, model, train, benign, adv):
+        kd, bu = self._parts()
+        self.kd_, self.bu_ = kd.fit(model, train), bu.fit(model, train)
         inputs = np.concatenate([self._pair(model, benign), self._pair(model, adv)])
-        self.logistic.fit(inputs, _labels01(len(benign), len(adv)), self.seed)
-        return self
+        self.logistic_ = StandardisedLogistic().fit(inputs, _labels01(len(benign), len(adv)), self.seed)
 
     def score(self, model, feats):
         self._check(feats)
-        return self.logistic.decision(self._pair(model, feats))
+        return self.logistic_.decision(self._pair(model, feats))
 
     def _state(self):
-        kd_state, kd_arrays = self.kd._state()
+        kd_state, kd_arrays = self.kd_._state()
         return ({"kd": kd_state},
-                {**{f"kd__{k}": v for k, v in kd_arrays.items()}, **self.logistic.arrays("lr__")})
+                {**{f"kd__{k}": v for k, v in kd_arrays.items()}, **self.logistic_.arrays("lr__")})
 
     def _restore(self, state, arrays, folder):
-        self.kd._restore(state["kd"], {k[4:]: v for k, v in arrays.items() if k.startswith("kd__")}, folder)
-        self.kd.layer_names = self.bu.layer_names = list(self.layer_names)
-        self.logistic = StandardisedLogistic.from_arrays(arrays, "lr__")
+        self.kd_, self.bu_ = self._parts()
+        for part in (self.kd_, self.bu_):
+            part.layer_names_, part.fit_seconds_ = list(self.layer_names_), float("nan")
+        self.kd_._restore(state["kd"], {k[4:]: v for k, v in arrays.items() if k.startswith("kd__")}, folder)
+        self.logistic_ = StandardisedLogistic.from_arrays(arrays, "lr__")
 
 
 # --------------------------------------------------------------------------- LID
@@ -439,41 +491,42 @@ class LID(LayerDetector):
     name = "LID"
 
     def __init__(self, k: int = 20, reference_size: int = 100, layers="all", seed: int = 0):
-        super().__init__(seed)
-        self.k, self.reference_size, self.layers_spec = int(k), int(reference_size), layers
-        self.reference: dict[int, np.ndarray] = {}
-        self.logistic = StandardisedLogistic()
+        self.k = k
+        self.reference_size = reference_size
+        self.layers = layers
+        self.seed = seed
 
-    def settings(self):
-        return {"k": self.k, "reference_size": self.reference_size, "layers": self.layers_spec, "seed": self.seed}
+    def _check_params(self):
+        super()._check_params()
+        _check_integer(self, "k", 1)
+        _check_integer(self, "reference_size", 1)
+        _check_layer_choice(self)
 
-    def fit(self, model, train, benign, adv) -> "LID":
-        self._start_fit(model, train)
+    def _fit(self, model, train, benign, adv):
         if len(train) < self.k:
             raise ValueError(f"LID needs at least k={self.k} clean reference samples, got {len(train)}")
-        self.layers = resolve_layers(self.layers_spec, model, len(train.pooled))
+        self.layers_ = resolve_layers(self.layers, model, len(train.pooled))
         rng = np.random.default_rng(self.seed)
         chosen = np.sort(rng.choice(len(train), size=min(self.reference_size, len(train)), replace=False))
-        self.reference = {i: train.pooled[i][chosen].astype(np.float32) for i in self.layers}
+        self.reference_ = {i: train.pooled[i][chosen].astype(np.float32) for i in self.layers_}
         inputs = np.concatenate([self.layer_scores(model, benign), self.layer_scores(model, adv)])
-        self.logistic.fit(inputs, _labels01(len(benign), len(adv)), self.seed)
-        return self
+        self.logistic_ = StandardisedLogistic().fit(inputs, _labels01(len(benign), len(adv)), self.seed)
 
     def layer_scores(self, model, feats):
         self._check(feats)
-        return np.stack([lid_mle(feats.pooled[i], self.reference[i], self.k) for i in self.layers], axis=1)
+        return np.stack([lid_mle(feats.pooled[i], self.reference_[i], self.k) for i in self.layers_], axis=1)
 
     def combine(self, layer_scores):
-        return self.logistic.decision(layer_scores)
+        return self.logistic_.decision(layer_scores)
 
     def _state(self):
-        return ({"layers": self.layers},
-                {**{f"reference_{i}": r for i, r in self.reference.items()}, **self.logistic.arrays("lr__")})
+        return ({"layers": self.layers_},
+                {**{f"reference_{i}": r for i, r in self.reference_.items()}, **self.logistic_.arrays("lr__")})
 
     def _restore(self, state, arrays, folder):
-        self.layers = list(state["layers"])
-        self.reference = {i: arrays[f"reference_{i}"] for i in self.layers}
-        self.logistic = StandardisedLogistic.from_arrays(arrays, "lr__")
+        self.layers_ = list(state["layers"])
+        self.reference_ = {i: arrays[f"reference_{i}"] for i in self.layers_}
+        self.logistic_ = StandardisedLogistic.from_arrays(arrays, "lr__")
 
 
 # --------------------------------------------------------------------------- MAHA
@@ -532,75 +585,75 @@ class MAHA(LayerDetector):
     name = "MAHA"
 
     def __init__(self, magnitude: float = 0.0005, layers="stages", batch_size: int = 16, seed: int = 0):
-        super().__init__(seed)
-        self.magnitude, self.layers_spec, self.batch_size = float(magnitude), layers, int(batch_size)
-        self.means: dict[int, np.ndarray] = {}
-        self.precisions: dict[int, np.ndarray] = {}
-        self.logistic = StandardisedLogistic()
+        self.magnitude = magnitude
+        self.layers = layers
+        self.batch_size = batch_size
+        self.seed = seed
 
-    def settings(self):
-        return {"magnitude": self.magnitude, "layers": self.layers_spec, "batch_size": self.batch_size,
-                "seed": self.seed}
+    def _check_params(self):
+        super()._check_params()
+        _check_real(self, "magnitude", inclusive=True)
+        _check_layer_choice(self)
+        _check_integer(self, "batch_size", 1)
 
-    def fit(self, model, train, benign, adv) -> "MAHA":
+    def _fit(self, model, train, benign, adv):
         if train.labels is None:
             raise ValueError("MAHA needs the training labels")
-        self._start_fit(model, train)
-        self.layers = resolve_layers(self.layers_spec, model, len(train.pooled))
+        self.layers_ = resolve_layers(self.layers, model, len(train.pooled))
         num_classes = int(train.logits.shape[1])
-        for i in self.layers:
+        self.means_, self.precisions_ = {}, {}
+        for i in self.layers_:
             means, precision = tied_gaussian(train.pooled[i], train.labels, num_classes)
             # Stored (and always read) as float32: a loaded detector scores bit-identically.
-            self.means[i], self.precisions[i] = means.astype(np.float32), precision.astype(np.float32)
+            self.means_[i], self.precisions_[i] = means.astype(np.float32), precision.astype(np.float32)
         inputs = np.concatenate([self.layer_scores(model, benign), self.layer_scores(model, adv)])
-        self.logistic.fit(inputs, _labels01(len(benign), len(adv)), self.seed)
-        return self
+        self.logistic_ = StandardisedLogistic().fit(inputs, _labels01(len(benign), len(adv)), self.seed)
 
     def _distance(self, layer: int, pooled: np.ndarray) -> np.ndarray:
-        return half_mahalanobis(pooled, self.means[layer], self.precisions[layer]).min(axis=1)
+        return half_mahalanobis(pooled, self.means_[layer], self.precisions_[layer]).min(axis=1)
 
     def layer_scores(self, model, feats):
         self._check(feats)
         if self.magnitude == 0.0:
-            return np.stack([self._distance(i, feats.pooled[i]) for i in self.layers], axis=1)
+            return np.stack([self._distance(i, feats.pooled[i]) for i in self.layers_], axis=1)
         return self._preprocessed_scores(model, feats)
 
     def _preprocessed_scores(self, model, feats: FeatureSet) -> np.ndarray:
         device = feature_lib.model_device(model)
         model.eval()
-        means = {i: torch.from_numpy(self.means[i]).to(device) for i in self.layers}
-        precisions = {i: torch.from_numpy(self.precisions[i]).to(device) for i in self.layers}
-        out = np.empty((len(feats), len(self.layers)))
+        means = {i: torch.from_numpy(self.means_[i]).to(device) for i in self.layers_}
+        precisions = {i: torch.from_numpy(self.precisions_[i]).to(device) for i in self.layers_}
+        out = np.empty((len(feats), len(self.layers_)))
         for part in tqdm(list(batches(len(feats), self.batch_size)), desc="MAHA pre-processing", leave=False):
             x = feats.images[part].to(device).requires_grad_(True)
             with torch.enable_grad():
                 _, maps = model.forward_maps(x)
-                for column, layer in enumerate(self.layers):
+                for column, layer in enumerate(self.layers_):
                     feature = network.pooled(maps[layer])
                     diff = feature.unsqueeze(1) - means[layer].unsqueeze(0)           # N×K×C
                     dist = 0.5 * torch.einsum("nkc,cd,nkd->nk", diff, precisions[layer], diff)
                     closest = dist.detach().argmin(dim=1, keepdim=True)
                     loss = dist.gather(1, closest).sum()
-                    (grad,) = torch.autograd.grad(loss, x, retain_graph=column < len(self.layers) - 1)
+                    (grad,) = torch.autograd.grad(loss, x, retain_graph=column < len(self.layers_) - 1)
                     moved = x.detach() - self.magnitude * grad.sign()
                     with torch.no_grad():
-                        feature = network.pooled(feature_lib.layer_forward(model, layer)(moved))
+                        feature = network.pooled(model.forward_to(moved, layer))
                     out[part, column] = self._distance(layer, feature.float().cpu().numpy())
         return out
 
     def combine(self, layer_scores):
-        return self.logistic.decision(layer_scores)
+        return self.logistic_.decision(layer_scores)
 
     def _state(self):
-        arrays = {**{f"means_{i}": m for i, m in self.means.items()},
-                  **{f"precision_{i}": p for i, p in self.precisions.items()}, **self.logistic.arrays("lr__")}
-        return {"layers": self.layers}, arrays
+        arrays = {**{f"means_{i}": m for i, m in self.means_.items()},
+                  **{f"precision_{i}": p for i, p in self.precisions_.items()}, **self.logistic_.arrays("lr__")}
+        return {"layers": self.layers_}, arrays
 
     def _restore(self, state, arrays, folder):
-        self.layers = list(state["layers"])
-        self.means = {i: arrays[f"means_{i}"] for i in self.layers}
-        self.precisions = {i: arrays[f"precision_{i}"] for i in self.layers}
-        self.logistic = StandardisedLogistic.from_arrays(arrays, "lr__")
+        self.layers_ = list(state["layers"])
+        self.means_ = {i: arrays[f"means_{i}"] for i in self.layers_}
+        self.precisions_ = {i: arrays[f"precision_{i}"] for i in self.layers_}
+        self.logistic_ = StandardisedLogistic.from_arrays(arrays, "lr__")
 
 
 # --------------------------------------------------------------------------- SVM
@@ -613,52 +666,55 @@ class SVM(Detector):
     name = "SVM"
 
     def __init__(self, c: float = 1.0, gamma="scale", layer: int = -1, seed: int = 0):
-        super().__init__(seed)
-        self.c, self.gamma_spec, self.layer_spec = float(c), gamma, int(layer)
-        self.layer = -1
-        self.gamma = 0.0
-        self.mean = self.scale = self.support = self.dual_coef = None
-        self.intercept = np.zeros(1)
+        self.c = c
+        self.gamma = gamma
+        self.layer = layer
+        self.seed = seed
 
-    def settings(self):
-        return {"c": self.c, "gamma": self.gamma_spec, "layer": self.layer_spec, "seed": self.seed}
+    def _check_params(self):
+        super()._check_params()
+        _check_real(self, "c")
+        if self.gamma not in ("scale", "auto"):
+            _check_real(self, "gamma")
+        _check_integer(self, "layer")
 
     def _standardised(self, feats: FeatureSet) -> np.ndarray:
-        return (np.asarray(feats.pooled[self.layer], np.float64) - self.mean) / self.scale
+        return (np.asarray(feats.pooled[self.layer_], np.float64) - self.mean_) / self.scale_
 
-    def fit(self, model, train, benign, adv) -> "SVM":
-        self._start_fit(model, train)
-        self.layer = self.layer_spec % len(train.pooled)
-        inputs = np.concatenate([benign.pooled[self.layer], adv.pooled[self.layer]]).astype(np.float64)
-        self.mean = inputs.mean(axis=0)
+    def _fit(self, model, train, benign, adv):
+        num_layers = len(train.pooled)
+        if not -num_layers <= self.layer < num_layers:
+            raise UserError(f"SVM detector: layer {self.layer} is out of range for {num_layers} layers")
+        self.layer_ = self.layer % num_layers
+        inputs = np.concatenate([benign.pooled[self.layer_], adv.pooled[self.layer_]]).astype(np.float64)
+        self.mean_ = inputs.mean(axis=0)
         scale = inputs.std(axis=0)
-        self.scale = np.where(scale > 1e-12, scale, 1.0)
-        svc = SVC(C=self.c, kernel="rbf", gamma=self.gamma_spec, random_state=self.seed)
-        svc.fit((inputs - self.mean) / self.scale, _labels01(len(benign), len(adv)))
-        self.gamma = float(svc._gamma)  # the resolved value of "scale" / "auto"
-        self.support = svc.support_vectors_.astype(np.float64)
-        self.dual_coef = svc.dual_coef_[0].astype(np.float64)
-        self.intercept = svc.intercept_.astype(np.float64)
-        return self
+        self.scale_ = np.where(scale > 1e-12, scale, 1.0)
+        svc = SVC(C=self.c, kernel="rbf", gamma=self.gamma, random_state=self.seed)
+        svc.fit((inputs - self.mean_) / self.scale_, _labels01(len(benign), len(adv)))
+        self.gamma_ = float(svc._gamma)  # the resolved value of "scale" / "auto"
+        self.support_ = svc.support_vectors_.astype(np.float64)
+        self.dual_coef_ = svc.dual_coef_[0].astype(np.float64)
+        self.intercept_ = svc.intercept_.astype(np.float64)
 
     def score(self, model, feats):
         self._check(feats)
         z = self._standardised(feats)
         out = np.empty(len(z))
         for part in batches(len(z), 512):
-            kernel = np.exp(-self.gamma * _squared_distances(z[part], self.support))
-            out[part] = kernel @ self.dual_coef + self.intercept[0]
+            kernel = np.exp(-self.gamma_ * _squared_distances(z[part], self.support_))
+            out[part] = kernel @ self.dual_coef_ + self.intercept_[0]
         return out
 
     def _state(self):
-        return ({"layer": self.layer, "gamma": self.gamma},
-                {"mean": self.mean, "scale": self.scale, "support": self.support,
-                 "dual_coef": self.dual_coef, "intercept": self.intercept})
+        return ({"layer": self.layer_, "gamma": self.gamma_},
+                {"mean": self.mean_, "scale": self.scale_, "support": self.support_,
+                 "dual_coef": self.dual_coef_, "intercept": self.intercept_})
 
     def _restore(self, state, arrays, folder):
-        self.layer, self.gamma = int(state["layer"]), float(state["gamma"])
+        self.layer_, self.gamma_ = int(state["layer"]), float(state["gamma"])
         for key in ("mean", "scale", "support", "dual_coef", "intercept"):
-            setattr(self, key, arrays[key])
+            setattr(self, key + "_", arrays[key])
 
 
 # --------------------------------------------------------------------------- DNN
@@ -700,44 +756,48 @@ class DNN(LayerDetector):
     width 32 (maps above 16×16 average-pooled to 16×16 first), Adam lr 1e-3, 10 epochs, batch
     32, seeded (Metzen et al.: one detector per
     position, Adam, 20 epochs). Maps come from the FeatureSet when it kept them
-    (``features.extract(..., keep_maps=detector.layers)``), else from one extra forward pass.
+    (``features.extract(..., keep_maps=detector.layers_)``), else from one extra forward pass.
     """
 
     name = "DNN"
 
     def __init__(self, layers="stages", width: int = 32, epochs: int = 10, lr: float = 1e-3,
                  batch_size: int = 32, seed: int = 0):
-        super().__init__(seed)
-        self.layers_spec, self.width, self.epochs = layers, int(width), int(epochs)
-        self.lr, self.batch_size = float(lr), int(batch_size)
-        self.heads: dict[int, MapHead] = {}
-        self.shapes: dict[int, list[int]] = {}
+        self.layers = layers
+        self.width = width
+        self.epochs = epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.seed = seed
 
-    def settings(self):
-        return {"layers": self.layers_spec, "width": self.width, "epochs": self.epochs, "lr": self.lr,
-                "batch_size": self.batch_size, "seed": self.seed}
+    def _check_params(self):
+        super()._check_params()
+        _check_layer_choice(self)
+        _check_integer(self, "width", 1)
+        _check_integer(self, "epochs", 0)
+        _check_real(self, "lr")
+        _check_integer(self, "batch_size", 1)
 
     def _maps(self, model, feats: FeatureSet) -> dict[int, torch.Tensor]:
-        if all(i in feats.maps for i in self.layers):
+        if all(i in feats.maps for i in self.layers_):
             return feats.maps
-        return feature_lib.extract(model, feats.images, progress=False, keep_maps=self.layers,
+        return feature_lib.extract(model, feats.images, progress=False, keep_maps=self.layers_,
                                    desc="DNN maps").maps
 
-    def fit(self, model, train, benign, adv) -> "DNN":
-        self._start_fit(model, train)
-        self.layers = resolve_layers(self.layers_spec, model, len(train.pooled), conv_only=True)
+    def _fit(self, model, train, benign, adv):
+        self.layers_ = resolve_layers(self.layers, model, len(train.pooled), conv_only=True)
         device = feature_lib.model_device(model)
         benign_maps, adv_maps = self._maps(model, benign), self._maps(model, adv)
         targets = torch.from_numpy(_labels01(len(benign), len(adv))).float()
         pos_weight = torch.tensor([len(benign) / max(len(adv), 1)], device=device)
-        for layer in tqdm(self.layers, desc="DNN detectors", leave=False):
+        self.shapes_, self.heads_ = {}, {}
+        for layer in tqdm(self.layers_, desc="DNN detectors", leave=False):
             inputs = torch.cat([benign_maps[layer], adv_maps[layer]])
-            self.shapes[layer] = list(inputs.shape[1:])
-            self.heads[layer] = self._train_head(layer, inputs, targets, pos_weight, device)
-        return self
+            self.shapes_[layer] = list(inputs.shape[1:])
+            self.heads_[layer] = self._train_head(layer, inputs, targets, pos_weight, device)
 
     def _new_head(self, layer: int) -> MapHead:
-        channels, height, width = self.shapes[layer]
+        channels, height, width = self.shapes_[layer]
         return MapHead(channels, self.width, size=min(height, width))
 
     def _train_head(self, layer, inputs, targets, pos_weight, device) -> MapHead:
@@ -765,9 +825,9 @@ class DNN(LayerDetector):
         self._check(feats)
         device = feature_lib.model_device(model)
         maps = self._maps(model, feats)
-        out = np.empty((len(feats), len(self.layers)))
-        for column, layer in enumerate(self.layers):
-            head = self.heads[layer].to(device).eval()
+        out = np.empty((len(feats), len(self.layers_)))
+        for column, layer in enumerate(self.layers_):
+            head = self.heads_[layer].to(device).eval()
             for part in batches(len(feats), 256):
                 out[part, column] = head(maps[layer][part].to(device)).double().cpu().numpy()
         return out
@@ -776,26 +836,27 @@ class DNN(LayerDetector):
         return layer_scores.mean(axis=1)
 
     def _state(self):
-        return {"layers": self.layers, "shapes": {str(i): s for i, s in self.shapes.items()}}, {}
+        return {"layers": self.layers_, "shapes": {str(i): s for i, s in self.shapes_.items()}}, {}
 
     def save(self, folder):
         super().save(folder)
         buffer = io.BytesIO()
-        torch.save({str(i): {k: v.cpu() for k, v in head.state_dict().items()} for i, head in self.heads.items()},
+        torch.save({str(i): {k: v.cpu() for k, v in head.state_dict().items()} for i, head in self.heads_.items()},
                    buffer)
         atomic_write_bytes(Path(folder) / HEADS_FILE, buffer.getvalue())
 
     def _restore(self, state, arrays, folder):
-        self.layers = list(state["layers"])
-        self.shapes = {int(i): list(s) for i, s in state["shapes"].items()}
+        self.layers_ = list(state["layers"])
+        self.shapes_ = {int(i): list(s) for i, s in state["shapes"].items()}
         path = folder / HEADS_FILE
         if not path.is_file():
             raise UserError(f"missing DNN detector weights {path}; run extract_features.py first")
         states = torch.load(path, map_location="cpu", weights_only=True)
-        for layer in self.layers:
+        self.heads_ = {}
+        for layer in self.layers_:
             head = self._new_head(layer)
             head.load_state_dict(states[str(layer)])
-            self.heads[layer] = head.eval()
+            self.heads_[layer] = head.eval()
 
 
 # --------------------------------------------------------------------------- registry and the one path
@@ -824,17 +885,15 @@ def folder_name(name: str) -> str:
 def fit_all(model, train: FeatureSet, benign: FeatureSet, adv: FeatureSet, names=None,
             options: dict[str, dict[str, Any]] | None = None, seed: int = 0,
             progress: bool = True) -> dict[str, Detector]:
-    """Fit the named detectors (default all) with per-detector ``options``; records
-    ``detector.fit_seconds``."""
+    """Fit the named detectors (default all) with per-detector ``options`` (each records
+    ``fit_seconds_``). Every detector's parameters are checked before the first is fitted."""
     options = options or {}
-    fitted: dict[str, Detector] = {}
-    for name in tqdm(parse_names(names), desc="fit detectors", disable=not progress, leave=False):
-        detector = DETECTORS[name](seed=seed, **options.get(name, {}))
-        start = time.perf_counter()
+    chosen = {name: DETECTORS[name](seed=seed, **options.get(name, {})) for name in parse_names(names)}
+    for detector in chosen.values():
+        detector._check_params()
+    for detector in tqdm(chosen.values(), desc="fit detectors", disable=not progress, leave=False):
         detector.fit(model, train, benign, adv)
-        detector.fit_seconds = time.perf_counter() - start
-        fitted[name] = detector
-    return fitted
+    return chosen
 
 
 def save_detectors(folder: str | Path, detectors: dict[str, Detector]) -> None:
@@ -875,9 +934,9 @@ def evaluate_rows(detectors: dict[str, Detector], model, benign: FeatureSet, adv
             report: dict[str, Any] = {**metrics.detection_report(benign_scores, adv_scores),
                                       "score_seconds": benign_seconds + time.perf_counter() - start}
             if layered:
-                report["layer_auc"] = {detector.layer_names[layer]: metrics.roc_auc(benign_layers[:, j],
-                                                                                     adv_layers[:, j])
-                                       for j, layer in enumerate(detector.layers)}
+                report["layer_auc"] = {detector.layer_names_[layer]: metrics.roc_auc(benign_layers[:, j],
+                                                                                      adv_layers[:, j])
+                                       for j, layer in enumerate(detector.layers_)}
             reports[name][row] = report
     return reports
 

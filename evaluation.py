@@ -105,7 +105,7 @@ def score_rows(model, fitted: dict[str, detectors.Detector], clean: np.ndarray, 
     Returns ({detector: {row: detection report}}, {row: success rate}, {row: features of its
     successful AEs}); the reports of the per-layer detectors (KD, LID, MAHA, DNN) carry
     ``layer_auc`` {layer name: AUC of that layer's score}."""
-    keep_maps = fitted["DNN"].layers if "DNN" in fitted else ()
+    keep_maps = fitted["DNN"].layers_ if "DNN" in fitted else ()
     success_rates, adv_rows = {}, {}
     for row, (adv, success) in rows.items():
         success = np.asarray(success, dtype=bool)

@@ -137,9 +137,9 @@ def run(config: Config) -> dict:
         "A_fit": {"images": len(fit_pos), "benign": len(fit_benign), "adv": len(fit_adv)},
         "A_eval": {"images": len(eval_pos), "benign": len(eval_benign), "adv": len(eval_adv)},
         "train_images": len(train), "layer_names": list(model.layer_names),
-        "detectors": {name: {**reports[name], "fit_seconds": fitted[name].fit_seconds,
-                             "seconds": fitted[name].fit_seconds + reports[name]["score_seconds"],
-                             "settings": fitted[name].settings()} for name in fitted},
+        "detectors": {name: {**reports[name], "fit_seconds": fitted[name].fit_seconds_,
+                             "seconds": fitted[name].fit_seconds_ + reports[name]["score_seconds"],
+                             "settings": fitted[name].get_params()} for name in fitted},
         "feature_seconds": feature_seconds, "total_seconds": time.perf_counter() - started,
     }
     out = run_.detectors_dir(attack.name)

@@ -8,11 +8,10 @@ the DNN layers can be kept from the same pass (``keep_maps``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from torchvision.models.feature_extraction import create_feature_extractor
 from tqdm import tqdm
 
 import network
@@ -146,61 +145,3 @@ def benign_and_adv(model, clean, noisy, adv, success, device: torch.device | str
     detector score) are bit-identical."""
     return (benign_set(model, clean, noisy, device, batch_size, keep_maps, progress, desc),
             adv_set(model, adv, success, device, batch_size, keep_maps, progress, desc))
-
-
-def layer_forward(model, index: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A callable x -> the (un-pooled) output of tap ``index``, running the network only that far.
-
-    Built once per model and layer with torchvision's feature extractor (unused graph nodes are
-    dropped, so the layers after the tap are not run). Models without the
-    ``HierarchicalNet`` internals fall back to a full ``forward_maps``.
-    """
-    cache = model.__dict__.setdefault("_detector_taps", {})
-    if index not in cache:
-        backbone, nodes = getattr(model, "backbone", None), getattr(model, "_nodes", None)
-        if backbone is None or nodes is None:
-            cache[index] = lambda x: model.forward_maps(x)[1][index]
-        else:
-            # The extractor shares the backbone's modules and sets their mode from the model's
-            # at creation: build it in eval mode.
-            was_training = model.training
-            model.eval()
-            extractor = create_feature_extractor(backbone, return_nodes={nodes[index]: "out"},
-                                                 tracer_kwargs={"leaf_modules": [network.Normalize]})
-            model.train(was_training)
-            cache[index] = lambda x, run=extractor: run(x)["out"]
-    return cache[index]
-
-
-@torch.no_grad()
-def _probe_maps(model, image_size: int) -> list[torch.Tensor]:
-    was_training = model.training
-    model.eval()
-    generator = torch.Generator().manual_seed(0)
-    probe = torch.rand(1, 3, image_size, image_size, generator=generator).to(model_device(model))
-    _, maps = model.forward_maps(probe)
-    model.train(was_training)
-    return [m.float().cpu() for m in maps]
-
-
-def stage_end_layers(model, image_size: int = 64) -> list[int]:
-    """Conv taps that close a stage: the last tap of each residual stage (ResNet: the name
-    prefix ``layerK``), or, when all taps share one prefix (VGG), the last tap before the
-    spatial size drops (the ReLU before each max-pool). Lee et al. take their features there.
-    """
-    conv = list(model.conv_layers)
-    maps = _probe_maps(model, image_size)
-    prefixes = [model.layer_names[i].split(".")[0] for i in conv]
-    keys = prefixes if len(set(prefixes)) > 1 else [tuple(maps[i].shape[2:]) for i in conv]
-    return [index for position, index in enumerate(conv)
-            if position == len(conv) - 1 or keys[position + 1] != keys[position]]
-
-
-def pooled_copies(model, image_size: int = 64) -> list[int]:
-    """Non-conv taps that merely repeat the global pooling of the tap before them (ResNet's
-    ``flatten`` equals the pooled last block output): detectors can skip them."""
-    maps = _probe_maps(model, image_size)
-    conv = set(model.conv_layers)
-    return [i for i in range(1, len(maps))
-            if i not in conv and i - 1 in conv and maps[i].shape == network.pooled(maps[i - 1]).shape
-            and torch.allclose(maps[i], network.pooled(maps[i - 1]), rtol=1e-5, atol=1e-6)]

@@ -55,7 +55,11 @@ class HierarchicalNet(nn.Module):
 
     Attributes: ``arch``, ``num_classes``, ``layer_names`` (one per feature, forward order),
     ``layer_channels``, ``conv_layers`` (indices of the features that come from a conv map),
-    ``head_input_index`` (the feature that feeds the stochastic head, for BU).
+    ``stage_end_layers`` (the conv taps that close a stage, where Lee et al. take their
+    features), ``pooled_copy_layers`` (non-conv taps that merely repeat the pooled tap before
+    them), ``head_input_index`` (the feature that feeds the stochastic head, for BU). The
+    structure is probed once, at construction; ``forward_to(x, index)`` runs the network only
+    as far as one tap.
     """
 
     def __init__(self, arch: str, num_classes: int):
@@ -83,17 +87,35 @@ class HierarchicalNet(nn.Module):
             self.backbone, return_nodes={**{n: n for n in nodes}, output_node: "logits"},
             tracer_kwargs={"leaf_modules": [Normalize]})
         object.__setattr__(self, "_extractor", extractor)
-        self.layer_channels, self.conv_layers = self._probe_shapes()
+        object.__setattr__(self, "_tap_extractors", {})  # forward_to's, built on first use
+        self.layer_channels, self.conv_layers, self.stage_end_layers, self.pooled_copy_layers = \
+            self._probe_structure()
         self.head_input_index = len(self.layer_names) - (1 if family is resnet else 2)
         self._head = nn.Sequential(*family.head_modules(net))
 
     @torch.no_grad()
-    def _probe_shapes(self) -> tuple[list[int], list[int]]:
+    def _probe_structure(self) -> tuple[list[int], list[int], list[int], list[int]]:
+        """One eval-mode forward of a 64×64 zero image: every tap's channels, the conv taps,
+        the stage-end taps and the pooled-copy taps (all fixed by the architecture, not the
+        weights)."""
         was_training = self.training
         self.eval()
         _, maps = self.forward_maps(torch.zeros(1, 3, 64, 64))
         self.train(was_training)
-        return [m.shape[1] for m in maps], [i for i, m in enumerate(maps) if m.dim() == 4]
+        conv = [i for i, m in enumerate(maps) if m.dim() == 4]
+        # Stage ends: the last tap of each residual stage (ResNet: the name prefix ``layerK``),
+        # or, when all conv taps share one prefix (VGG), the last tap before the spatial size
+        # drops (the ReLU before each max-pool).
+        prefixes = [self.layer_names[i].split(".")[0] for i in conv]
+        keys = prefixes if len(set(prefixes)) > 1 else [tuple(maps[i].shape[2:]) for i in conv]
+        stage_ends = [index for position, index in enumerate(conv)
+                      if position == len(conv) - 1 or keys[position + 1] != keys[position]]
+        # Pooled copies: a non-conv tap right after a conv tap that equals its global pooling
+        # (ResNet's ``flatten``): detectors can skip them.
+        copies = [i for i in range(1, len(maps))
+                  if i not in conv and i - 1 in conv and maps[i].shape == pooled(maps[i - 1]).shape
+                  and torch.allclose(maps[i], pooled(maps[i - 1]), rtol=1e-5, atol=1e-6)]
+        return [m.shape[1] for m in maps], conv, stage_ends, copies
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
@@ -102,6 +124,23 @@ class HierarchicalNet(nn.Module):
         """Logits and the un-pooled outputs of every tap (N×C×h×w, or N×C for FC layers)."""
         out = self._extractor(x)
         return out["logits"], [out[n] for n in self._nodes]
+
+    def forward_to(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """The (un-pooled) output of tap ``index``, running the network only that far.
+
+        Built once per tap with torchvision's feature extractor (unused graph nodes are dropped,
+        so the layers after the tap are not run) and cached; it shares the backbone's modules.
+        """
+        extractor = self._tap_extractors.get(index)
+        if extractor is None:
+            # The extractor takes its mode from the model's at creation: build it in eval mode.
+            was_training = self.training
+            self.eval()
+            extractor = create_feature_extractor(self.backbone, return_nodes={self._nodes[index]: "out"},
+                                                 tracer_kwargs={"leaf_modules": [Normalize]})
+            self.train(was_training)
+            self._tap_extractors[index] = extractor
+        return extractor(x)["out"]
 
     def forward_features(self, x: torch.Tensor, layers=None) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """Logits and the pooled hierarchical features (a spatial mean per channel: N×C each).

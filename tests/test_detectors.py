@@ -4,12 +4,16 @@ Synthetic feature clouds with a known shift (AUC well above 0.5 when the AEs are
 about 0.5 when they are not), the estimators against scipy / scikit-learn, and
 save -> load -> identical scores on a tiny real network.
 """
+import re
+
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 from scipy.spatial.distance import mahalanobis
+from sklearn.base import clone
 from sklearn.covariance import LedoitWolf
+from sklearn.exceptions import NotFittedError
 from sklearn.neighbors import KernelDensity
 
 import detectors as D
@@ -100,6 +104,79 @@ def test_dnn_learns_a_map_pattern():
     assert metrics.roc_auc(dnn.score(None, sets(80, 0.0)), dnn.score(None, sets(40, 1.5))) > 0.9
 
 
+# Every detector with non-default parameters, and what its fit learns (besides layer_names_
+# and fit_seconds_, which every fit records).
+CONTRACT = {
+    "KD": ({"bandwidth": 0.7, "layers": [0], "score_layer": 0, "seed": 3},
+           {"layers_", "score_layer_", "num_classes_", "train_labels_", "train_features_"}),
+    "BU": ({"passes": 7, "batch_size": 16, "seed": 3}, set()),
+    "KD+BU": ({"bandwidth": 0.7, "passes": 7, "seed": 3}, {"kd_", "bu_", "logistic_"}),
+    "LID": ({"k": 5, "reference_size": 20, "layers": [0, 1], "seed": 3}, {"layers_", "reference_", "logistic_"}),
+    "MAHA": ({"magnitude": 0.0, "layers": "all", "batch_size": 4, "seed": 3},
+             {"layers_", "means_", "precisions_", "logistic_"}),
+    "SVM": ({"c": 0.5, "gamma": 0.1, "layer": 0, "seed": 3},
+            {"layer_", "gamma_", "mean_", "scale_", "support_", "dual_coef_", "intercept_"}),
+    "DNN": ({"layers": "all", "width": 4, "epochs": 1, "lr": 0.01, "batch_size": 8, "seed": 3},
+            {"layers_", "shapes_", "heads_"}),
+}
+
+
+def learned(detector):
+    return {name for name in vars(detector) if name.endswith("_") and not name.startswith("__")}
+
+
+def map_clouds(rng, n, shift):
+    """Two classes of 4×4 maps (6 and 12 channels); pooled = their spatial means (for DNN)."""
+    labels = rng.integers(0, 2, n)
+    maps = [(rng.normal(size=(n, d, 4, 4)) + 2.0 * labels[:, None, None, None] + shift).astype(np.float32)
+            for d in DIMS]
+    return make_set([m.mean(axis=(2, 3)) for m in maps], labels, labels,
+                    maps={i: torch.from_numpy(m) for i, m in enumerate(maps)})
+
+
+@pytest.mark.parametrize("name", list(CONTRACT))
+def test_detector_follows_the_estimator_contract(name, tmp_path, monkeypatch):
+    """scikit-learn's conventions: parameters stored verbatim (get_params / clone round trip),
+    validated at fit, learned state only in trailing-underscore attributes, a clear error when
+    scoring unfitted, and save -> load -> identical scores."""
+    monkeypatch.setattr(D, "LOGISTIC_CS", (0.1, 10.0))  # a shorter cross-validated C search: fast
+    cls, (params, fitted_attrs) = D.DETECTORS[name], CONTRACT[name]
+    assert set(params) == set(cls().get_params())  # every constructor parameter is exercised
+    detector = cls(**params)
+    assert detector.get_params(deep=False) == params == detector.get_params()
+    assert all(detector.get_params()[key] is value for key, value in params.items())
+    assert type(detector)(**detector.get_params()).get_params() == params
+    assert clone(detector).get_params() == params  # sklearn's clone checks identity of each parameter
+    assert learned(detector) == set() and name[:2] in repr(detector)
+    assert detector.set_params(seed=4) is detector and detector.get_params()["seed"] == 4
+    detector.set_params(seed=params["seed"])
+    with pytest.raises(ValueError, match="Invalid parameter"):
+        detector.set_params(nonsense=1)
+
+    rng = np.random.default_rng(0)
+    model = FakeHeadModel()
+    train, benign, adv, query = map_clouds(rng, 40, 0.0), map_clouds(rng, 20, 0.0), map_clouds(rng, 10, 3.0), \
+        map_clouds(rng, 12, 1.0)
+    with pytest.raises(NotFittedError, match=re.escape(f"{name} detector is not fitted: call fit")):
+        detector.score(model, query)
+    with pytest.raises(UserError, match="seed must be an integer >= 0"):  # checked at fit, not before
+        cls(**{**params, "seed": -1}).fit(model, train, benign, adv)
+
+    assert detector.fit(model, train, benign, adv) is detector
+    assert learned(detector) == fitted_attrs | {"layer_names_", "fit_seconds_"}
+    assert detector.get_params() == params  # fit changes no parameter
+    scores = detector.score(model, query)
+    assert scores.shape == (len(query),) and np.isfinite(scores).all()
+
+    detector.save(tmp_path)
+    loaded = cls.load(tmp_path)
+    assert loaded.get_params() == params and learned(loaded) == learned(detector)
+    assert loaded.fit_seconds_ == detector.fit_seconds_
+    np.testing.assert_array_equal(loaded.score(model, query), scores)
+    with pytest.raises(NotFittedError):
+        cls(**params).save(tmp_path / "unfitted")
+
+
 def test_kd_matches_sklearn_kernel_density():
     rng = np.random.default_rng(1)
     samples, points = rng.normal(size=(200, 5)), rng.normal(size=(30, 5)) * 1.5
@@ -145,9 +222,9 @@ def test_lid_never_counts_a_sample_as_its_own_neighbour():
 def test_lid_reference_batch_is_fixed_training_subset():
     train, fit_benign, fit_adv, eval_benign, _ = protocol_sets(4.0)
     lid = D.LID(k=20, reference_size=100, seed=3).fit(None, train, fit_benign, fit_adv)
-    assert lid.reference[0].shape == (100, DIMS[0])
+    assert lid.reference_[0].shape == (100, DIMS[0])
     rows = {tuple(r) for r in train.pooled[0]}
-    assert all(tuple(r) in rows for r in lid.reference[0])
+    assert all(tuple(r) in rows for r in lid.reference_[0])
     again = D.LID(k=20, reference_size=100, seed=3).fit(None, train, fit_benign, fit_adv)
     np.testing.assert_array_equal(lid.score(None, eval_benign), again.score(None, eval_benign))
 
@@ -206,7 +283,7 @@ def tiny():
     clean = torch.rand(30, 3, 32, 32, generator=gen)
     noise = (clean + (torch.rand(clean.shape, generator=gen) * 2 - 1) * 2 / 256).clamp(0, 1)
     adv = (clean + 0.25 * torch.sign(torch.randn(clean.shape, generator=gen))).clamp(0, 1)
-    layers = features.stage_end_layers(model)
+    layers = model.stage_end_layers
     train = features.extract(model, train_x, progress=False, labels=np.arange(60) % 2)
     sets = {k: features.extract(model, v, batch_size=8, progress=False, keep_maps=layers)
             for k, v in {"clean": clean, "noise": noise, "adv": adv}.items()}
@@ -224,16 +301,16 @@ def test_extract_matches_forward_features(tiny):
     assert len(train.pooled) == len(model.layer_names)
     for mine, theirs in zip(train.pooled, pooled):
         np.testing.assert_allclose(mine[:4], theirs.numpy(), rtol=1e-5, atol=1e-6)
-    assert [model.layer_names[i] for i in features.stage_end_layers(model)] == [
+    assert [model.layer_names[i] for i in model.stage_end_layers] == [
         "layer1.1.relu_1", "layer2.1.relu_1", "layer3.1.relu_1", "layer4.1.relu_1"]
-    assert [model.layer_names[i] for i in features.pooled_copies(model)] == ["flatten"]
+    assert [model.layer_names[i] for i in model.pooled_copy_layers] == ["flatten"]
 
 
 def test_maha_preprocessing_decreases_the_distance(tiny):
     model, train, benign = tiny[0], tiny[1], tiny[2]
     raw = D.MAHA(magnitude=0.0, layers="stages").fit(model, train, benign, tiny[3])
     moved = D.MAHA(magnitude=0.002, layers="stages")
-    moved.layer_names, moved.layers, moved.means, moved.precisions = raw.layer_names, raw.layers, raw.means, raw.precisions
+    moved.layer_names_, moved.layers_, moved.means_, moved.precisions_ = raw.layer_names_, raw.layers_, raw.means_, raw.precisions_
     before, after = raw.layer_scores(model, benign), moved.layer_scores(model, benign)
     assert before.shape == after.shape == (len(benign), 4)
     assert (after < before).mean() > 0.9
@@ -270,7 +347,7 @@ def test_all_detectors_save_load_score_identically(tiny, tmp_path):
     assert not list(tmp_path.rglob("*.pkl")) and not list(tmp_path.rglob("*.joblib"))
 
     # a set without any AE (e.g. an attack that never succeeded) scores to NaN metrics, no crash
-    empty = features.extract(model, torch.zeros(0, 3, 32, 32), progress=False, keep_maps=loaded["DNN"].layers)
+    empty = features.extract(model, torch.zeros(0, 3, 32, 32), progress=False, keep_maps=loaded["DNN"].layers_)
     assert len(empty) == 0 and empty.pooled[-1].shape == (0, 512)
     for name, report in D.evaluate(loaded, model, eval_benign, empty).items():
         assert report["n_adv"] == 0 and np.isnan(report["auc"]), name

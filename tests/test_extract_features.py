@@ -116,7 +116,7 @@ def test_end_to_end_protocol_and_reload(tmp_path, monkeypatch):
     loaded = detectors.load_detectors(out)
     success = ae["success"][eval_pos]
     benign, adv = features.benign_and_adv(model, ae["clean"][eval_pos], noise["adv"][eval_pos],
-                                          ae["adv"][eval_pos], success, "cpu", 8, loaded["DNN"].layers, False)
+                                          ae["adv"][eval_pos], success, "cpu", 8, loaded["DNN"].layers_, False)
     assert len(benign) == 2 * len(eval_pos) and len(adv) == success.sum()
     reports = detectors.evaluate(loaded, model, benign, adv)
     for name, report in reports.items():

@@ -12,6 +12,13 @@ EXPECTED = {
     "vgg16": (15, 13, [512, 4096, 4096]),
     "resnet18": (17, 16, [512, 512, 512]),
 }
+STRUCTURE = {
+    # arch: (stage-end taps: the last tap of layer1..layer4 / the ReLU before each max-pool,
+    #        taps that only repeat the pooled tap before them)
+    "resnet50": (["layer1.2.relu_2", "layer2.3.relu_2", "layer3.5.relu_2", "layer4.2.relu_2"], ["flatten"]),
+    "vgg16": (["features.3", "features.8", "features.15", "features.22", "features.29"], []),
+    "resnet18": (["layer1.1.relu_1", "layer2.1.relu_1", "layer3.1.relu_1", "layer4.1.relu_1"], ["flatten"]),
+}
 
 
 @pytest.mark.parametrize("arch", sorted(EXPECTED))
@@ -22,6 +29,12 @@ def test_feature_taps(arch):
     assert len(model.layer_names) == len(set(model.layer_names)) == n_taps
     assert model.conv_layers == list(range(n_conv))
     assert model.layer_channels[-3:] == last_channels
+    stage_ends, copies = STRUCTURE[arch]
+    assert [model.layer_names[i] for i in model.stage_end_layers] == stage_ends
+    assert [model.layer_names[i] for i in model.pooled_copy_layers] == copies
+    if arch.startswith("vgg"):  # the ReLU right before each max-pool
+        pools = [i for i, m in enumerate(model.backbone.net.features) if isinstance(m, torch.nn.MaxPool2d)]
+        assert stage_ends == [f"features.{i - 1}" for i in pools]
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         logits, feats = model.forward_features(x)
@@ -47,6 +60,14 @@ def test_feature_taps(arch):
     assert [i for i, f in enumerate(chosen) if f is not None] == some
     for i in some:
         torch.testing.assert_close(chosen[i], feats[i])
+    # a forward cut at one tap gives that tap's map; its extractor is built once and kept
+    tap = model.stage_end_layers[1]
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_to(x, tap), maps[tap])
+    cached = model._tap_extractors[tap]
+    model.forward_to(x, tap)
+    assert model._tap_extractors[tap] is cached and list(model._tap_extractors) == [tap]
+    assert not any("_tap_extractors" in key for key in model.state_dict())
 
 
 def test_resnet50_taps_are_bottleneck_relus():
