@@ -1,9 +1,11 @@
 """Data sets (APTOS, CXR, synthetic), the seeded train/val/test split, and the decode cache.
 
-PROTOCOL section 3. ``prepare_split`` decides which images go into which part and
-``write_split`` saves that decision as ``split.json`` in the run directory; every later stage
-calls ``load_part(run_dir, part)`` and so sees exactly the same images at the same size.
-Decoding and resizing happen once: the resized uint8 images are cached in ``.cache/`` (or
+PROTOCOL section 3. ``REGISTRY`` holds everything that differs between data sets, one
+``DatasetInfo`` each (defaults, flips, classes, layout, how to list and to load the images);
+``get(name)`` finds one, case-insensitively. ``prepare_split`` decides which images go into
+which part and ``write_split`` saves that decision as ``split.json`` in the run directory; every
+later stage calls ``load_part(run_dir, part)`` and so sees exactly the same images at the same
+size. Decoding and resizing happen once: the resized uint8 images are cached in ``.cache/`` (or
 ``$HFC_CACHE_DIR``), keyed by data set, resolved root and size.
 """
 from __future__ import annotations
@@ -13,8 +15,9 @@ import hashlib
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -22,15 +25,10 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from synthetic import SYNTHETIC_TEST, SYNTHETIC_TRAIN, SYNTHETIC_VERSION, synthetic_images, synthetic_pool
-from utils import UserError, canonical_dataset, load_npz, read_json, save_npz, to_float_images, write_json
+from utils import UserError, load_npz, read_json, save_npz, to_float_images, write_json
 
 SPLIT_FILE = "split.json"
 PARTS = ("train", "val", "test")
-DEFAULT_IMAGE_SIZE = {"synthetic": 64, "APTOS": 128, "CXR": 128}
-# Cap on training images per class when --max-train-per-class is not given (None: no cap).
-# CXR has 5216 training images (1341 NORMAL, 3875 PNEUMONIA); 500 per class, balanced, keeps a
-# ResNet-50 epoch at 128 px near a minute on one CPU core, so 12 epochs fit in 15 minutes.
-DEFAULT_MAX_TRAIN_PER_CLASS = {"synthetic": None, "APTOS": None, "CXR": 500}
 VAL_FRACTION = 0.15          # validation carved from the training pool (seeded, stratified)
 APTOS_TEST_FRACTION = 0.2    # APTOS has no labelled test set: seeded, stratified 80/20
 
@@ -38,8 +36,50 @@ APTOS_LAYOUT = "<root>/train.csv (columns id_code,diagnosis) and <root>/train_im
 CXR_CLASSES = ("NORMAL", "PNEUMONIA")
 CXR_LAYOUT = "<root>/{train,test[,val]}/{NORMAL,PNEUMONIA}/*.jpeg"
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
-# Flip axes used by training-only augmentation (dims of an N×3×H×W batch).
-FLIP_DIMS = {"synthetic": (2, 3), "APTOS": (2, 3), "CXR": (3,)}
+
+
+class Listing(NamedTuple):
+    """What a data set offers before the split: a training pool and a test pool, each as
+    (ids, labels, strata) arrays (strata: what the split stratifies on, e.g. the APTOS grade),
+    and extra fields for split.json."""
+    pool: tuple[np.ndarray, np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray, np.ndarray]
+    record: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One data set: its defaults and the functions that list and load it (see ``REGISTRY``).
+
+    ``list_split(root, *, num_classes, seed, rng, synthetic_train, synthetic_test) -> Listing``:
+    root is None for a generated set; rng is the split's generator (a catalog may draw from it,
+    before the validation carve). Images come either from files, ``decode(path, size) -> uint8
+    H×W×3`` (cached), or, for a generated set, ``render(ids, labels, seed, size) -> uint8
+    N×size×size×3``.
+    """
+    name: str                                   # canonical spelling: runs_<name>/, split.json
+    image_size: int                             # default --image-size
+    epochs: int                                 # default train.py --epochs
+    flip_dims: tuple[int, ...]                  # training-only random flips (dims of N×3×H×W)
+    max_train_per_class: int | None             # default --max-train-per-class (None: no cap)
+    classes: dict[int, tuple[str, ...]]         # --num-classes allowed -> class names
+    list_split: Callable[..., Listing]
+    layout: str | None = None                   # "the ... layout <root>/...", for errors (None: generated)
+    decode: Callable[[Path, int], np.ndarray] | None = None
+    render: Callable[[list[str], np.ndarray, int, int], np.ndarray] | None = None
+
+    @property
+    def generated(self) -> bool:
+        """True for a set rendered in memory (no data root, no cache)."""
+        return self.render is not None
+
+
+def get(name: str) -> DatasetInfo:
+    """The registry entry of a data set, by case-insensitive name (UserError naming the known ones)."""
+    for known, info in REGISTRY.items():
+        if str(name).lower() == known.lower():
+            return info
+    raise UserError(f"unknown dataset {name!r}; expected one of {', '.join(REGISTRY)} (case-insensitive)")
 
 
 def cache_dir_default() -> Path:
@@ -47,31 +87,23 @@ def cache_dir_default() -> Path:
 
 
 def default_data_root(dataset: str) -> Path:
-    return Path("datasets") / canonical_dataset(dataset)
+    return Path("datasets") / get(dataset).name
 
 
 def class_names(dataset: str, num_classes: int = 2) -> list[str]:
-    dataset = canonical_dataset(dataset)
-    if dataset == "APTOS":
-        if num_classes == 5:
-            return ["grade 0 (no DR)", "grade 1 (mild)", "grade 2 (moderate)", "grade 3 (severe)",
-                    "grade 4 (proliferative)"]
-        return ["no DR", "DR"]
-    if dataset == "CXR":
-        return list(CXR_CLASSES)
-    return ["healthy", "lesions"]
+    info = get(dataset)
+    _check_num_classes(info, num_classes)
+    return list(info.classes[num_classes])
 
 
-def _check_num_classes(dataset: str, num_classes: int) -> None:
-    allowed = (2, 5) if dataset == "APTOS" else (2,)
-    if num_classes not in allowed:
-        raise UserError(f"--num-classes {num_classes} is not available for {dataset}; "
-                        f"choose {' or '.join(map(str, allowed))}")
+def _check_num_classes(info: DatasetInfo, num_classes: int) -> None:
+    if num_classes not in info.classes:
+        raise UserError(f"--num-classes {num_classes} is not available for {info.name}; "
+                        f"choose {' or '.join(map(str, info.classes))}")
 
 
 # ----------------------------------------------------------------------------- catalogs
-# A catalog lists what a data set offers before the split: a training pool and a test pool,
-# each as (ids, labels, strata); strata are what the split stratifies on (APTOS: the grade).
+# Each data set's ``list_split`` (see REGISTRY) returns a Listing: what it offers before the split.
 
 def _aptos_catalog(root: Path, num_classes: int):
     if not root.is_dir():
@@ -139,6 +171,21 @@ def _cxr_catalog(root: Path):
     return (np.array(train_ids + val_ids), pool_labels, pool_labels), (np.array(test_ids), test_labels, test_labels)
 
 
+def _list_aptos(root: Path, *, num_classes: int, rng: np.random.Generator, **_) -> Listing:
+    ids, labels, grades = _aptos_catalog(root, num_classes)
+    in_test = _stratified_mask(grades, APTOS_TEST_FRACTION, rng)
+    return Listing((ids[~in_test], labels[~in_test], grades[~in_test]), (ids[in_test], labels[in_test], grades[in_test]))
+
+
+def _list_cxr(root: Path, **_) -> Listing:
+    return Listing(*_cxr_catalog(root))
+
+
+def _list_synthetic(root: None, *, seed: int, synthetic_train: int, synthetic_test: int, **_) -> Listing:
+    return Listing(synthetic_pool("train", synthetic_train, seed), synthetic_pool("test", synthetic_test, seed),
+                   {"synthetic": {"train": synthetic_train, "test": synthetic_test, "generator": SYNTHETIC_VERSION}})
+
+
 # ----------------------------------------------------------------------------- splits
 
 def _stratified_mask(strata: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -163,28 +210,18 @@ def prepare_split(dataset: str, data_root: str | Path | None = None, image_size:
     ``max_train_per_class`` the training pool is first reduced per class (seeded) so that at
     most that many images per class remain for training after the validation carve.
     """
-    dataset = canonical_dataset(dataset)
-    _check_num_classes(dataset, num_classes)
-    image_size = int(image_size or DEFAULT_IMAGE_SIZE[dataset])
+    info = get(dataset)
+    _check_num_classes(info, num_classes)
+    image_size = int(image_size or info.image_size)
     if image_size < 16:
         raise UserError(f"--image-size {image_size} is too small (at least 16)")
     if not 0 < val_fraction < 1:
         raise UserError(f"validation fraction {val_fraction} must lie in (0, 1)")
     rng = np.random.default_rng([seed, 101])
-    if dataset == "synthetic":
-        root = None
-        pool = synthetic_pool("train", synthetic_train, seed)
-        test = synthetic_pool("test", synthetic_test, seed)
-    else:
-        root = str(data_root if data_root is not None else default_data_root(dataset))
-        if dataset == "APTOS":
-            ids, labels, grades = _aptos_catalog(Path(root), num_classes)
-            in_test = _stratified_mask(grades, APTOS_TEST_FRACTION, rng)
-            pool = ids[~in_test], labels[~in_test], grades[~in_test]
-            test = ids[in_test], labels[in_test], grades[in_test]
-        else:
-            pool, test = _cxr_catalog(Path(root))
-    ids, labels, strata = pool
+    root = None if info.generated else str(data_root if data_root is not None else default_data_root(info.name))
+    listing = info.list_split(None if root is None else Path(root), num_classes=num_classes, seed=seed, rng=rng,
+                              synthetic_train=synthetic_train, synthetic_test=synthetic_test)
+    ids, labels, strata = listing.pool
     if max_train_per_class:
         keep_per_class = math.ceil(max_train_per_class / (1 - val_fraction))
         keep = np.zeros(len(ids), dtype=bool)
@@ -199,14 +236,12 @@ def prepare_split(dataset: str, data_root: str | Path | None = None, image_size:
             members = np.flatnonzero(in_train & (labels == label))
             in_train[rng.permutation(members)[max_train_per_class:]] = False
     parts = {"train": (ids[in_train], labels[in_train]), "val": (ids[in_val], labels[in_val]),
-             "test": (test[0], test[1])}
+             "test": listing.test[:2]}
     split: dict[str, Any] = {
-        "dataset": dataset, "data_root": root, "image_size": image_size, "num_classes": num_classes,
-        "class_names": class_names(dataset, num_classes), "seed": seed, "val_fraction": val_fraction,
-        "max_train_per_class": max_train_per_class,
+        "dataset": info.name, "data_root": root, "image_size": image_size, "num_classes": num_classes,
+        "class_names": list(info.classes[num_classes]), "seed": seed, "val_fraction": val_fraction,
+        "max_train_per_class": max_train_per_class, **(listing.record or {}),
     }
-    if dataset == "synthetic":
-        split["synthetic"] = {"train": synthetic_train, "test": synthetic_test, "generator": SYNTHETIC_VERSION}
     for part, (part_ids, part_labels) in parts.items():
         split[part] = {"ids": [str(i) for i in part_ids], "labels": [int(y) for y in part_labels]}
     return split
@@ -239,18 +274,18 @@ def describe_split(split: dict[str, Any]) -> dict[str, dict[str, int]]:
 def load_arrays(split: dict[str, Any], parts=PARTS, cache_dir: str | Path | None = None,
                 workers: int | None = None, progress: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Images (uint8 N×H×W×3) and labels (int64) of the given parts of a split."""
-    dataset = canonical_dataset(split["dataset"])
+    info = get(split["dataset"])
     size = int(split["image_size"])
     out = {}
-    if dataset == "synthetic":
+    if info.generated:
         for part in parts:
             ids = split[part]["ids"]
             labels = np.array(split[part]["labels"], dtype=np.int64)
-            out[part] = (synthetic_images(ids, labels, int(split["seed"]), size), labels)
+            out[part] = (info.render(ids, labels, int(split["seed"]), size), labels)
         return out
     root = Path(split["data_root"])
     wanted = [i for part in parts for i in split[part]["ids"]]
-    images = _cached_images(dataset, root, size, wanted, cache_dir, workers, progress)
+    images = _cached_images(info, root, size, wanted, cache_dir, workers, progress)
     for part in parts:
         ids = split[part]["ids"]
         out[part] = (np.stack([images[i] for i in ids]) if ids else np.zeros((0, size, size, 3), np.uint8),
@@ -275,11 +310,12 @@ def _cache_file(dataset: str, root: Path, size: int, cache_dir: str | Path | Non
     return Path(cache_dir or cache_dir_default()) / f"{dataset}_{size}px_{key}.npz"
 
 
-def _cached_images(dataset: str, root: Path, size: int, ids: list[str], cache_dir, workers, progress) -> dict[str, np.ndarray]:
+def _cached_images(info: DatasetInfo, root: Path, size: int, ids: list[str], cache_dir, workers,
+                   progress) -> dict[str, np.ndarray]:
     """id -> uint8 H×W×3; decodes only what the cache lacks, then stores the union."""
+    dataset = info.name
     if not root.is_dir():
-        layout = APTOS_LAYOUT if dataset == "APTOS" else CXR_LAYOUT
-        raise UserError(f"{dataset} data root {root} not found; expected the Kaggle layout {layout}")
+        raise UserError(f"{dataset} data root {root} not found; expected {info.layout}")
     path = _cache_file(dataset, root, size, cache_dir)
     cached: dict[str, np.ndarray] = {}
     if path.is_file():
@@ -290,7 +326,7 @@ def _cached_images(dataset: str, root: Path, size: int, ids: list[str], cache_di
             cached = {}  # a damaged cache is rebuilt
     missing = sorted(set(ids) - set(cached))
     if missing:
-        decode = _decode_aptos if dataset == "APTOS" else _decode_cxr
+        decode = info.decode
         workers = workers or min(4, os.cpu_count() or 1)
         with ThreadPoolExecutor(max_workers=workers) as pool:
             decoded = list(tqdm(pool.map(lambda i: decode(root / i, size), missing), total=len(missing),
@@ -331,3 +367,25 @@ def _decode_aptos(path: Path, size: int) -> np.ndarray:
 def _decode_cxr(path: Path, size: int) -> np.ndarray:
     gray = _open_image(path, size).convert("L").resize((size, size), Image.Resampling.BICUBIC)
     return np.repeat(np.asarray(gray, dtype=np.uint8)[:, :, None], 3, axis=2)
+
+
+# ----------------------------------------------------------------------------- the registry
+# The one place that says which data sets exist. A new data set is one entry here plus its
+# list_split and decode (or render) functions.
+
+REGISTRY: dict[str, DatasetInfo] = {
+    "APTOS": DatasetInfo(
+        name="APTOS", image_size=128, epochs=20, flip_dims=(2, 3), max_train_per_class=None,
+        classes={2: ("no DR", "DR"),
+                 5: ("grade 0 (no DR)", "grade 1 (mild)", "grade 2 (moderate)", "grade 3 (severe)",
+                     "grade 4 (proliferative)")},
+        list_split=_list_aptos, layout=f"the Kaggle layout {APTOS_LAYOUT}", decode=_decode_aptos),
+    # CXR has 5216 training images (1341 NORMAL, 3875 PNEUMONIA); 500 per class, balanced, keeps
+    # a ResNet-50 epoch at 128 px near a minute on one CPU core, so 12 epochs fit in 15 minutes.
+    "CXR": DatasetInfo(
+        name="CXR", image_size=128, epochs=12, flip_dims=(3,), max_train_per_class=500,
+        classes={2: CXR_CLASSES}, list_split=_list_cxr, layout=f"the Kaggle layout {CXR_LAYOUT}", decode=_decode_cxr),
+    "synthetic": DatasetInfo(
+        name="synthetic", image_size=64, epochs=8, flip_dims=(2, 3), max_train_per_class=None,
+        classes={2: ("healthy", "lesions")}, list_split=_list_synthetic, render=synthetic_images),
+}

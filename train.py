@@ -25,9 +25,6 @@ import saver
 import utils
 from network import ARCHS, build_model
 
-DEFAULT_EPOCHS = {"synthetic": 8, "APTOS": 20, "CXR": 12}
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-a", "--arch", default="resnet50", choices=ARCHS, help="network (default: %(default)s)")
@@ -39,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, default=2, help="2, or 5 for APTOS grading (default: %(default)s)")
     p.add_argument("--max-train-per-class", type=int, default=None,
                    help=f"cap on training images per class (default: "
-                        f"{datasets.DEFAULT_MAX_TRAIN_PER_CLASS['CXR']} for CXR, none otherwise; 0 = no cap)")
+                        f"{datasets.get('CXR').max_train_per_class} for CXR, none otherwise; 0 = no cap)")
     p.add_argument("--synthetic-train", type=int, default=datasets.SYNTHETIC_TRAIN,
                    help="synthetic training-pool size; validation is carved from it (default: %(default)s)")
     p.add_argument("--synthetic-test", type=int, default=datasets.SYNTHETIC_TEST, help="synthetic test-set size (default: %(default)s)")
@@ -48,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="Adam weight decay (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=None,
-                   help=f"epochs (default per data set: {DEFAULT_EPOCHS})")
+                   help=f"epochs (default per data set: {', '.join(f'{n} {d.epochs}' for n, d in datasets.REGISTRY.items())})")
     p.add_argument("--pretrained", default=None, metavar="PATH|imagenet",
                    help="start from ImageNet weights (a local torchvision state dict, or 'imagenet' to download)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the synthetic images and training (default: %(default)s)")
@@ -66,12 +63,12 @@ def main(argv=None) -> dict:
     dataset = utils.canonical_dataset(args.dataset)
     run = utils.run_dir(dataset, args.arch, args.name)
     device = utils.prepare_runtime(args.device, args.seed, args.threads)
-    epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS[dataset]
+    epochs = args.epochs if args.epochs is not None else datasets.get(dataset).epochs
     args.batch_size = args.batch_size or (64 if device.type == "cuda" else 16)
     if args.batch_size < 2:
         raise utils.UserError("--batch-size must be at least 2 (BatchNorm needs two images)")
     cap = args.max_train_per_class if args.max_train_per_class is not None \
-        else datasets.DEFAULT_MAX_TRAIN_PER_CLASS[dataset]
+        else datasets.get(dataset).max_train_per_class
 
     resume_state = saver.read_checkpoint(run / saver.CHECKPOINT_NAME) if args.resume else None
     if resume_state is not None:
@@ -114,7 +111,7 @@ def main(argv=None) -> dict:
                 "val_loss": float(resume_state["val_loss"]), "state": copy.deepcopy(model.state_dict())}
         print(f"resuming after epoch {first_epoch - 1} (best so far)")
 
-    flip_dims = datasets.FLIP_DIMS[dataset]
+    flip_dims = datasets.get(dataset).flip_dims
     generator = torch.Generator().manual_seed(args.seed)
     for epoch in range(first_epoch, epochs + 1):
         tic = time.time()

@@ -13,9 +13,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-DATASET_NAMES = ("APTOS", "CXR", "synthetic")
-
-
 class UserError(Exception):
     """Bad input from the user: printed as one line, exit code 2, no traceback."""
 
@@ -33,11 +30,9 @@ def run_cli(main: Callable[[], Any]) -> None:
 
 
 def canonical_dataset(name: str) -> str:
-    """Case-insensitive data-set name -> its canonical spelling (APTOS, CXR, synthetic)."""
-    for known in DATASET_NAMES:
-        if name.lower() == known.lower():
-            return known
-    raise UserError(f"unknown dataset {name!r}; expected one of {', '.join(DATASET_NAMES)} (case-insensitive)")
+    """Case-insensitive data-set name -> its canonical spelling (from ``datasets.REGISTRY``)."""
+    import datasets  # here, not at the top: datasets imports utils
+    return datasets.get(name).name
 
 
 def run_dir(dataset: str, arch: str, name: str | None = None, root: str | Path = ".") -> Path:

@@ -1,6 +1,7 @@
 """Loaders on tiny Kaggle-layout fixtures, broken layouts, splits, the cache, the synthetic set."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -12,6 +13,8 @@ from PIL import Image
 
 import datasets
 import synthetic
+import train
+import utils
 from utils import UserError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -218,6 +221,30 @@ def test_bad_num_classes_and_dataset(tmp_path):
         datasets.prepare_split("mnist")
 
 
+def test_registry_is_the_one_source():
+    assert {"APTOS", "CXR", "synthetic"} <= set(datasets.REGISTRY)
+    for name, info in datasets.REGISTRY.items():
+        assert info.name == name
+        assert datasets.get(name.lower()) is info and datasets.get(name.upper()) is info
+        assert utils.canonical_dataset(name.swapcase()) == name
+        assert 2 in info.classes and all(len(names) == n for n, names in info.classes.items())
+        assert info.generated == (info.layout is None) and (info.decode is None) == info.generated
+    # The defaults as they stood before the registry.
+    assert {n: (d.image_size, d.epochs, d.flip_dims, d.max_train_per_class)
+            for n, d in datasets.REGISTRY.items() if n in ("APTOS", "CXR", "synthetic")} == {
+        "APTOS": (128, 20, (2, 3), None), "CXR": (128, 12, (3,), 500), "synthetic": (64, 8, (2, 3), None)}
+    for ask in (datasets.get, utils.canonical_dataset):
+        with pytest.raises(UserError) as err:
+            ask("mnist")
+        assert str(err.value) == (f"unknown dataset 'mnist'; expected one of {', '.join(datasets.REGISTRY)} "
+                                  "(case-insensitive)") and "\n" not in str(err.value)
+    assert not any(hasattr(module, old) for module, old in (
+        (datasets, "DEFAULT_IMAGE_SIZE"), (datasets, "DEFAULT_MAX_TRAIN_PER_CLASS"), (datasets, "FLIP_DIMS"),
+        (train, "DEFAULT_EPOCHS"), (utils, "DATASET_NAMES")))
+    assert datasets.class_names("aptos", 5)[4] == "grade 4 (proliferative)"
+    assert datasets.default_data_root("cxr") == Path("datasets") / "CXR"
+
+
 # ----------------------------------------------------------------------------- cache
 
 def test_cache_decodes_once_and_is_keyed_by_size(tmp_path, monkeypatch):
@@ -230,7 +257,7 @@ def test_cache_decodes_once_and_is_keyed_by_size(tmp_path, monkeypatch):
     def no_decoding(path, size):
         raise AssertionError(f"decoded {path} again")
 
-    monkeypatch.setattr(datasets, "_decode_aptos", no_decoding)
+    monkeypatch.setitem(datasets.REGISTRY, "APTOS", dataclasses.replace(datasets.get("APTOS"), decode=no_decoding))
     second = datasets.load_arrays(split, cache_dir=cache, progress=False)
     for part in datasets.PARTS:
         assert np.array_equal(first[part][0], second[part][0])
