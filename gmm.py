@@ -639,8 +639,3 @@ class HFCTerm(nn.Module):
                 targets: torch.Tensor) -> torch.Tensor:
         values = self.layer_values(features, targets)
         return (values.sum(1) if self.reduce == "sum" else values.mean(1)).mean()
-
-def mixtures_folder(run_dir: str | Path, num_components: int) -> Path:
-    """``runs_<DATASET>/<arch>/gmm_M<y>/`` (ARCHITECTURE.md)."""
-    return Path(run_dir) / f"gmm_M{num_components}"
-

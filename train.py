@@ -27,7 +27,6 @@ import saver
 import utils
 from network import build_model
 
-DEFAULT_EPOCHS = {"synthetic": 8, "APTOS": 20, "CXR": 12}
 MIN_IMAGE_SIZE = 32  # ResNet and VGG reduce the input 32-fold
 
 
@@ -38,7 +37,7 @@ class Config(cli.RunConfig):
                                             "paper used 256)", check=cli.at_least(MIN_IMAGE_SIZE))
     num_classes: int = cli.flag(2, "2, or 5 for APTOS grading", choices=(2, 5))
     max_train_per_class: int | None = cli.flag(
-        None, f"cap on training images per class (default: {datasets.DEFAULT_MAX_TRAIN_PER_CLASS['CXR']} for CXR, "
+        None, f"cap on training images per class (default: {datasets.get('CXR').max_train_per_class} for CXR, "
               "none otherwise; 0 = no cap)", check=cli.non_negative)
     synthetic_train: int = cli.flag(datasets.SYNTHETIC_TRAIN, "synthetic training-pool size; validation is "
                                     "carved from it", check=cli.at_least(2))
@@ -47,7 +46,8 @@ class Config(cli.RunConfig):
                                             "epoch pay off)", short="-b", check=cli.at_least(2))
     lr: float = cli.flag(3e-4, "Adam learning rate", check=cli.positive)
     weight_decay: float = cli.flag(1e-4, "Adam weight decay", check=cli.non_negative)
-    epochs: int | None = cli.flag(None, f"epochs (default per data set: {DEFAULT_EPOCHS})", check=cli.at_least(1))
+    epochs: int | None = cli.flag(None, "epochs (default per data set: "
+                                  + ", ".join(f"{n} {d.epochs}" for n, d in datasets.REGISTRY.items()) + ")", check=cli.at_least(1))
     pretrained: str | None = cli.flag(None, "start from ImageNet weights (a local torchvision state dict, or "
                                             "'imagenet' to download)", metavar="PATH|imagenet")
     workers: int | None = cli.flag(None, "image-decoding threads (default: up to 4)", check=cli.at_least(1))
@@ -69,10 +69,10 @@ def run(config: Config) -> dict:
     dataset = utils.canonical_dataset(args.dataset)
     run_ = runs.Run.of(config)
     device = utils.prepare_runtime(args.device, args.seed, args.threads)
-    epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS[dataset]
+    epochs = args.epochs if args.epochs is not None else datasets.get(dataset).epochs
     batch_size = args.batch_size or (64 if device.type == "cuda" else 16)
     cap = args.max_train_per_class if args.max_train_per_class is not None \
-        else datasets.DEFAULT_MAX_TRAIN_PER_CLASS[dataset]
+        else datasets.get(dataset).max_train_per_class
 
     resume_state = saver.read_checkpoint(run_.checkpoint, hint=run_.hint("train")) if args.resume else None
     if resume_state is not None:
@@ -112,7 +112,7 @@ def run(config: Config) -> dict:
         print(f"resuming after epoch {first_epoch - 1} (best so far)")
     replaced = resume_state is not None  # a fresh run replaces the old model at its first best epoch
 
-    flip_dims = datasets.FLIP_DIMS[dataset]
+    flip_dims = datasets.get(dataset).flip_dims
     generator = torch.Generator().manual_seed(args.seed)
     for epoch in range(first_epoch, epochs + 1):
         tic = time.time()

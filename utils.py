@@ -1,7 +1,6 @@
 """Small shared helpers: errors for the CLI, devices, seeds, run directories, atomic I/O."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -15,9 +14,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-
-DATASET_NAMES = ("APTOS", "CXR", "synthetic")
-
 
 class UserError(Exception):
     """Bad input from the user: printed as one line, exit code 2, no traceback."""
@@ -36,16 +32,9 @@ def run_cli(main: Callable[[], Any]) -> None:
 
 
 def canonical_dataset(name: str) -> str:
-    """Case-insensitive data-set name -> its canonical spelling (APTOS, CXR, synthetic)."""
-    for known in DATASET_NAMES:
-        if name.lower() == known.lower():
-            return known
-    raise UserError(f"unknown dataset {name!r}; expected one of {', '.join(DATASET_NAMES)} (case-insensitive)")
-
-
-def run_dir(dataset: str, arch: str, name: str | None = None, root: str | Path = ".") -> Path:
-    """``runs_<DATASET>/<name or arch>/`` -- where every stage reads and writes its artifacts."""
-    return Path(root) / f"runs_{canonical_dataset(dataset)}" / (name or arch)
+    """Case-insensitive data-set name -> its canonical spelling (from ``datasets.REGISTRY``)."""
+    import datasets  # here, not at the top: datasets imports utils
+    return datasets.get(name).name
 
 
 def get_device(flag: str | None = None) -> torch.device:
@@ -196,19 +185,3 @@ def prepare_runtime(device_flag: str | None, seed: int, threads: int | None = No
         torch.backends.cudnn.benchmark = False
     set_seed(seed)
     return device
-
-
-def stage_parser(doc: str | None) -> argparse.ArgumentParser:
-    """A stage script's parser, with the flags that locate its run: ``-a``, ``-n``, ``--dataset``."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-a", "--arch", default="resnet50", help="model architecture (default: resnet50)")
-    parser.add_argument("-n", "--name", default=None, help="run name under runs_<DATASET>/ (default: the arch)")
-    parser.add_argument("--dataset", default="synthetic", help="APTOS, CXR or synthetic (default: synthetic)")
-    return parser
-
-
-def add_runtime_flags(parser: argparse.ArgumentParser, seed_help: str = "seed of every random choice") -> None:
-    """``--seed``, ``--device`` and ``--threads`` (see ``prepare_runtime``)."""
-    parser.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default: 0)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

@@ -1,6 +1,8 @@
 """Loaders on tiny Kaggle-layout fixtures, broken layouts, splits, the cache, the synthetic set."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -10,6 +12,9 @@ import torch
 from PIL import Image
 
 import datasets
+import synthetic
+import train
+import utils
 from utils import UserError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -216,6 +221,30 @@ def test_bad_num_classes_and_dataset(tmp_path):
         datasets.prepare_split("mnist")
 
 
+def test_registry_is_the_one_source():
+    assert {"APTOS", "CXR", "synthetic"} <= set(datasets.REGISTRY)
+    for name, info in datasets.REGISTRY.items():
+        assert info.name == name
+        assert datasets.get(name.lower()) is info and datasets.get(name.upper()) is info
+        assert utils.canonical_dataset(name.swapcase()) == name
+        assert 2 in info.classes and all(len(names) == n for n, names in info.classes.items())
+        assert info.generated == (info.layout is None) and (info.decode is None) == info.generated
+    # The defaults as they stood before the registry.
+    assert {n: (d.image_size, d.epochs, d.flip_dims, d.max_train_per_class)
+            for n, d in datasets.REGISTRY.items() if n in ("APTOS", "CXR", "synthetic")} == {
+        "APTOS": (128, 20, (2, 3), None), "CXR": (128, 12, (3,), 500), "synthetic": (64, 8, (2, 3), None)}
+    for ask in (datasets.get, utils.canonical_dataset):
+        with pytest.raises(UserError) as err:
+            ask("mnist")
+        assert str(err.value) == (f"unknown dataset 'mnist'; expected one of {', '.join(datasets.REGISTRY)} "
+                                  "(case-insensitive)") and "\n" not in str(err.value)
+    assert not any(hasattr(module, old) for module, old in (
+        (datasets, "DEFAULT_IMAGE_SIZE"), (datasets, "DEFAULT_MAX_TRAIN_PER_CLASS"), (datasets, "FLIP_DIMS"),
+        (train, "DEFAULT_EPOCHS"), (utils, "DATASET_NAMES")))
+    assert datasets.class_names("aptos", 5)[4] == "grade 4 (proliferative)"
+    assert datasets.default_data_root("cxr") == Path("datasets") / "CXR"
+
+
 # ----------------------------------------------------------------------------- cache
 
 def test_cache_decodes_once_and_is_keyed_by_size(tmp_path, monkeypatch):
@@ -228,7 +257,7 @@ def test_cache_decodes_once_and_is_keyed_by_size(tmp_path, monkeypatch):
     def no_decoding(path, size):
         raise AssertionError(f"decoded {path} again")
 
-    monkeypatch.setattr(datasets, "_decode_aptos", no_decoding)
+    monkeypatch.setitem(datasets.REGISTRY, "APTOS", dataclasses.replace(datasets.get("APTOS"), decode=no_decoding))
     second = datasets.load_arrays(split, cache_dir=cache, progress=False)
     for part in datasets.PARTS:
         assert np.array_equal(first[part][0], second[part][0])
@@ -284,6 +313,23 @@ def test_synthetic_lesions_mark_class_one():
     # The image for one id does not depend on which other ids share its batch.
     alone = datasets.synthetic_images(ids[5:6], np.ones(1, np.int64), 0, 64).astype(float)
     assert np.array_equal(alone[0], sick[5])
+
+
+def test_synthetic_images_are_pinned():
+    """The renderer's output, bit for bit (checksums taken before it moved to synthetic.py)."""
+    ids = ["train/0", "train/1", "train/7", "test/0", "test/3", "test/11"]
+    labels = np.array([0, 1, 1, 0, 1, 1])
+    digest = lambda images: hashlib.sha256(images.tobytes()).hexdigest()  # noqa: E731
+    assert digest(synthetic.synthetic_images(ids, labels, seed=0, size=32)) == \
+        "da5c408e3e5e39b24cc0bd1e36ea8d7e0d7b52617d46e10f1ebdab963e5a630d"
+    assert digest(synthetic.synthetic_images(ids[:4], labels[:4], seed=7, size=48)) == \
+        "ac8f3ece8b9ca68c547bed6656464a1691b7f58fdf053a7311a9e9158c27db85"
+    split = datasets.prepare_split("synthetic", image_size=32, seed=2, synthetic_train=30, synthetic_test=10)
+    assert hashlib.sha256(json.dumps(split, sort_keys=True).encode()).hexdigest() == \
+        "c44c7a4082ae107c5377b00ad2c0ce62c3f7bc0ff6fe40a0a9e376a560b159cb"
+    arrays = datasets.load_arrays(split, progress=False)
+    assert hashlib.sha256(b"".join(arrays[p][0].tobytes() + arrays[p][1].tobytes() for p in datasets.PARTS)) \
+        .hexdigest() == "c629e0f1603ce37e5459aa3e343deebc7a39e34808a48be0f11a85ca10dd162f"
 
 
 def test_write_read_split_and_load_part(tmp_path):
