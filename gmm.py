@@ -1,10 +1,10 @@
-"""Per-layer, per-class Gaussian mixtures of the pooled features, and the HFC term (docs/PROTOCOL.md §7).
+"""Per-layer, per-class Gaussian mixtures of the pooled features: fit, save, load, score (docs/PROTOCOL.md §7).
 
 For every class c and every kept hierarchical conv layer l, a full-covariance Gaussian mixture is
 fitted to the pooled training features of class c at layer l (scikit-learn's
 ``BayesianGaussianMixture`` as in the HFC code, plain EM ``GaussianMixture`` as an option).
 ``Mixtures`` holds the fitted parameters as plain arrays (saved as ``mixtures.npz`` +
-``summary.json``, no pickle); ``HFCTerm`` is the attack engine's ``extra`` term built from them.
+``summary.json``, no pickle); the HFC term built from them (``hfc.HFCTerm``) lives with the attack.
 
 Component scores. With ``L_k`` the precision Cholesky factor (scikit-learn's
 ``precisions_cholesky_``: upper triangular, precision = L Lᵀ), a component's log-density is
@@ -30,7 +30,7 @@ fits those samples, not the class: on held-out clean images of the class the ter
 and grows with depth. ``term_scales`` measures, per (layer, class), the median term over held-out
 clean images of that class (get_GMM.py uses the run's validation part); ``Mixtures`` carries them
 as ``scales`` (saved in ``mixtures.npz``, reported in the summary as the fit report), and
-``HFCTerm(normalise=True)`` divides each layer's term by the scale of the sample's target class, so
+``hfc.HFCTerm(normalise=True)`` divides each layer's term by the scale of the sample's target class, so
 that a held-out clean image scores ≈1 per layer on every layer and every model.
 """
 from __future__ import annotations
@@ -43,8 +43,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
-import torch.nn as nn
 from scipy.special import digamma, logsumexp
 
 from utils import UserError, load_npz, read_json, save_npz, write_json
@@ -475,167 +473,3 @@ def fit_mixtures(pooled_by_layer: Sequence[np.ndarray], labels: np.ndarray, laye
 
 def _fit_one_keyed(layer, cls, X, kind, m, reg_covar, max_iter, random_state):
     return (layer, cls), _fit_one(X, kind, m, reg_covar, max_iter, random_state)
-
-
-class _ChosenQuadratic(torch.autograd.Function):
-    """Per sample ‖z‖²/C with z = (f − μ_k*) L_k*, where z was already computed (without gradient)
-    while scoring the components; the backward pass, ∂/∂f = (2/C)·L_k* z, reads each chosen factor
-    once where it lies ("loop": one matrix-vector product per sample, the CPU's choice) or gathers
-    the chosen factors and multiplies them as one batch ("gather": the GPU's choice)."""
-
-    @staticmethod
-    def forward(ctx, f, z, chol_flat, rows, strategy):
-        ctx.save_for_backward(z, rows)
-        ctx.chol_flat, ctx.strategy = chol_flat, strategy
-        return z.square().sum(1) / z.shape[1]
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        z, rows = ctx.saved_tensors
-        chol_flat = ctx.chol_flat
-        if ctx.strategy == "gather":
-            grad = torch.bmm(chol_flat.index_select(0, rows), z.unsqueeze(2)).squeeze(2)
-        else:
-            grad = torch.stack([torch.mv(chol_flat[r], z[i]) for i, r in enumerate(rows.tolist())])
-        return grad * (grad_out * (2.0 / z.shape[1])).unsqueeze(1), None, None, None, None
-
-
-class HFCTerm(nn.Module):
-    """The hierarchical feature constraint (Yao et al., MICCAI 2021; docs/PROTOCOL.md §7) as an ``extra``.
-
-    ``term(logits, features, targets)``: for each kept layer l and each sample with target t, the
-    component k* of t's mixture with the highest score
-    ``s_k = log_prior_k + Σ log diag(L_k) − ½‖(f − μ_k) L_k‖²`` is chosen without gradient, and
-    ``term_l = (1/C)·‖(f − μ_k*) L_k*‖²``; the result is Σ_l term_l averaged over the batch.
-    ``features`` is the full list of pooled hierarchical features (N×C per layer, as
-    ``forward_features`` returns); ``layers`` are indices into it (default: the mixtures' layers).
-
-    Cost: scoring must read every component's C×C factor of the target class at every step, which
-    dominates. The factors are stacked per layer as classes × M × C × C (a class with fewer
-    components is padded with components of score −inf); one batched product per class present
-    scores all M components, split into column panels of ``panel_width`` that skip the zero lower
-    triangle of the factors (about 40% less work at C = 512; on CUDA one full-width product, as
-    kernel launches cost more there than flops). The term's value reuses the chosen component's
-    product; its gradient reads only the chosen factor (``_ChosenQuadratic``). The buffers move to
-    the features' device (dtype float32 by default) once, on the first call, or with ``.to()``.
-
-    ``normalise``: each layer's term of a sample with target t is divided by the mixtures' held-out
-    scale of (layer, t) (``term_scales``: a held-out clean image of t then scores about 1 per
-    layer); the mixtures must carry scales (get_GMM.py fits them). ``reduce``: "sum" adds the
-    per-layer terms, "mean" averages them over the layers. The paper's term is
-    ``normalise=False, reduce="sum"`` (the default).
-    """
-
-    def __init__(self, mixtures: Mixtures, layers: Sequence[int] | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                 panel_width: int | None = None, backward: str | None = None,
-                 normalise: bool = False, reduce: str = "sum"):
-        super().__init__()
-        self.layers = list(mixtures.layers if layers is None else layers)
-        unknown = [l for l in self.layers if l not in mixtures.layers]
-        if unknown:
-            raise UserError(f"no mixtures for layers {unknown}; fitted layers: {mixtures.layers}")
-        if mixtures.classes != list(range(len(mixtures.classes))):
-            raise ValueError(f"mixture classes must be 0..K-1, got {mixtures.classes}")
-        if backward not in (None, "loop", "gather"):
-            raise ValueError(f"backward must be 'loop' or 'gather', got {backward!r}")
-        if reduce not in REDUCTIONS:
-            raise ValueError(f"reduce must be one of {', '.join(REDUCTIONS)}, got {reduce!r}")
-        if normalise and not mixtures.scales:
-            raise UserError("these mixtures carry no held-out term scales, which the normalised HFC term "
-                            "needs; re-run get_GMM.py (it measures them on the run's validation images)")
-        self.normalise = bool(normalise)
-        self.reduce = reduce
-        self.num_classes = len(mixtures.classes)
-        self.panel_width = panel_width  # None: 64 on the CPU, full width on CUDA
-        self.backward_strategy = backward  # None: "loop" on the CPU, "gather" on CUDA
-        self._moved = device is not None
-        np_dtype = torch.empty(0, dtype=dtype).numpy().dtype  # stack in the final dtype: half the memory
-        for i, layer in enumerate(self.layers):
-            group = [mixtures[(layer, c)] for c in mixtures.classes]
-            M = max(p.n_components for p in group)
-            C = group[0].means.shape[1]
-            means = np.zeros((self.num_classes, M, C), np_dtype)
-            chol = np.zeros((self.num_classes, M, C, C), np_dtype)
-            const = np.full((self.num_classes, M), -np.inf)
-            for c, p in enumerate(group):
-                m = p.n_components
-                means[c, :m] = p.means
-                chol[c, :m] = p.prec_chol
-                const[c, :m] = p.log_prior + np.log(np.diagonal(p.prec_chol, axis1=1, axis2=2)).sum(1)
-            self.register_buffer(f"means_{i}", torch.from_numpy(means).to(device))
-            self.register_buffer(f"chol_{i}", torch.from_numpy(chol).to(device))
-            self.register_buffer(f"const_{i}", torch.as_tensor(const, dtype=dtype, device=device))
-        if self.normalise:  # classes × layers: gathered by target, one division per step
-            table = [[mixtures.scales[(layer, c)] for layer in self.layers] for c in mixtures.classes]
-            self.register_buffer("scales", torch.as_tensor(table, dtype=dtype, device=device))
-
-    def _ensure_on(self, like: torch.Tensor) -> None:
-        if not self._moved:
-            self.to(like.device)
-            self._moved = True
-
-    def layer_terms(self, features: Sequence[torch.Tensor], targets: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """B×n_layers terms ``(1/C)‖(f − μ_k*) L_k*‖²`` (with gradient) and the chosen k* (B×n_layers)."""
-        self._ensure_on(features[self.layers[0]])
-        device = self.means_0.device
-        on_cuda = device.type == "cuda"
-        strategy = self.backward_strategy or ("gather" if on_cuda else "loop")
-        targets = targets.to(device, torch.long)
-        # Index sets per target class, computed once for all layers (one host sync).
-        present = torch.unique(targets).tolist()
-        if len(present) == 1:
-            groups = [(present[0], None)]  # the common case: no indexing at all
-        else:
-            groups = [(c, torch.nonzero(targets == c).squeeze(1)) for c in present]
-        terms, chosen = [], []
-        for i, layer in enumerate(self.layers):
-            means, chol, const = getattr(self, f"means_{i}"), getattr(self, f"chol_{i}"), getattr(self, f"const_{i}")
-            K, M, C, _ = chol.shape
-            width = C if on_cuda and self.panel_width is None else min(C, self.panel_width or 64)
-            f = features[layer].to(means.dtype)
-            with torch.no_grad():
-                fd = f.detach()
-                if groups[0][1] is None:
-                    c = groups[0][0]
-                    k, z = self._choose(fd, means[c], chol[c], const[c], width)
-                else:
-                    k = torch.empty(len(fd), dtype=torch.long, device=device)
-                    z = torch.empty_like(fd)
-                    for c, idx in groups:
-                        k[idx], z[idx] = self._choose(fd[idx], means[c], chol[c], const[c], width)
-            rows = targets * M + k  # (class, component) -> row of the K·M stacked factors
-            terms.append(_ChosenQuadratic.apply(f, z, chol.view(K * M, C, C), rows, strategy))
-            chosen.append(k)
-        return torch.stack(terms, 1), torch.stack(chosen, 1)
-
-    @staticmethod
-    def _choose(f, means_c, chol_c, const_c, width):
-        """For the rows of ``f`` (n×C) under one class: k* (n) and z = (f − μ_k*) L_k* (n×C)."""
-        M, C, _ = chol_c.shape
-        n = len(f)
-        diff = f.unsqueeze(0) - means_c.unsqueeze(1)  # M×n×C
-        # Column panel [j, e) of (f − μ_k) L_k only involves rows < e of the upper-triangular L_k.
-        panels = [torch.bmm(diff[:, :, :e], chol_c[:, :e, j:e])
-                  for j, e in ((j, min(j + width, C)) for j in range(0, C, width))]
-        squared = panels[0].square().sum(2)
-        for panel in panels[1:]:
-            squared += panel.square().sum(2)
-        k = (const_c[:, None] - 0.5 * squared).argmax(0)  # M×n scores -> n
-        pick = torch.arange(n, device=f.device)
-        z = torch.cat([panel[k, pick] for panel in panels], 1)
-        return k, z
-
-    def layer_values(self, features: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-        """B×n_layers per-layer terms as the attack uses them: ``layer_terms``, divided by the
-        held-out scale of (layer, target) with ``normalise``."""
-        terms, _ = self.layer_terms(features, targets)
-        if self.normalise:
-            terms = terms / self.scales.index_select(0, targets.to(self.scales.device, torch.long))
-        return terms
-
-    def forward(self, logits: torch.Tensor, features: Sequence[torch.Tensor],
-                targets: torch.Tensor) -> torch.Tensor:
-        values = self.layer_values(features, targets)
-        return (values.sum(1) if self.reduce == "sum" else values.mean(1)).mean()

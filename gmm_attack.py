@@ -38,6 +38,11 @@ import saver
 import utils
 
 
+DEFAULT_TERM = "paper"
+DEFAULT_CLASS_LOSS = "base"
+DEFAULT_KAPPA = 0.0
+
+
 def lamda_value(text: str) -> str | None:
     if text.lower() == "auto":
         return None
@@ -76,13 +81,33 @@ class Config(cli.RunConfig):
     last_iterate: bool = cli.flag(False, "return every image's last iterate, as the base attacks do (default: an "
                                          "image whose last iterate misses the target keeps its latest iterate "
                                          "that hit it)")
+    term: str = cli.flag(DEFAULT_TERM, "form of the HFC term: paper (the sum over layers of ‖(f − μ)L‖²/C) or "
+                                       "normalised (each layer divided by its held-out clean median from "
+                                       "get_GMM.py, averaged over layers)", choices=tuple(hfc.TERMS))
+    class_loss: str = cli.flag(DEFAULT_CLASS_LOSS, "classification loss beside the term: base (the method's own: "
+                               "CE, or CW's margin) or margin (max_j≠t z_j − z_t clamped at −κ: once the target "
+                               "leads by κ only the term acts)", choices=hfc.CLASS_LOSSES)
+    kappa: float | None = cli.flag(None, f"the margin's κ (default: {DEFAULT_KAPPA} for --class-loss margin; "
+                                         "CW's own otherwise)", check=cli.non_negative)
     limit: int | None = cli.flag(None, "attack only the first N images of A_eval", check=cli.at_least(2))
     batch_size: int = cli.flag(32, "attack batch size", short="-b", check=cli.at_least(1))
 
     def results_dir(self, run: runs.Run) -> Path:
-        detector = self.detector if self.detector and self.detector != self.attack else None
-        key = hfc.results_key(self.num_component, self.lamda, self.step_size, self.steps, self.last_iterate, detector)
-        return run.hfc_dir(attacks.parse_attack(self.attack).name, key)
+        """``<ATTACK>/hfc_<key>``: M and λ as asked, plus every key setting that differs from its default."""
+        variant = {short: getattr(self, name) for name, short in VARIANT_FIELDS.items()
+                   if getattr(self, name) != getattr(Config, name)}
+        if self.detector == self.attack:
+            variant.pop("det", None)
+        return run.hfc_dir(attacks.parse_attack(self.attack).name,
+                           hfc.results_key(self.num_component, self.lamda, variant))
+
+    def kappa_value(self) -> float | None:
+        return DEFAULT_KAPPA if self.kappa is None and self.class_loss == "margin" else self.kappa
+
+
+# The settings that change the HFC AEs or their scoring, by the short name they add to the folder.
+VARIANT_FIELDS = {"step_size": "a", "steps": "T", "last_iterate": "last", "detector": "det", "term": "term",
+                  "class_loss": "loss", "kappa": "kappa"}
 
 
 def main(argv=None) -> dict:
@@ -119,14 +144,18 @@ def run(config: Config) -> dict:
     mixtures = gmm.load_mixtures(run_.mixtures_dir(config.num_component), hint=mixtures_hint)
     runs.require_fresh(run_.mixtures_dir(config.num_component) / runs.SUMMARY, {"checkpoint": run_.checkpoint},
                        "the mixtures", mixtures_hint.replace(" first", " again"))
-    term = gmm.HFCTerm(mixtures, device=device)
+    if config.term == "normalised" and mixtures.scales is None:
+        raise utils.UserError(f"the mixtures in {run_.mixtures_dir(config.num_component)} carry no held-out term "
+                              f"scales (made by an older get_GMM.py); {mixtures_hint.replace(' first', ' again')}")
+    term = hfc.HFCTerm(mixtures, device=device, **hfc.TERMS[config.term])
     step_256, steps = hfc.hfc_schedule(run_.dataset, config.arch, spec.eps_256, config.step_size, config.steps)
     base = sets["base"]
     eval_pos = sets["eval"][:config.limit] if config.limit else sets["eval"]
     if len(eval_pos) < 2:
         raise utils.UserError(f"A_eval holds {len(eval_pos)} images; attack more images with gen_base_adv.py")
     attack_kwargs = dict(step_size_256=step_256, steps=steps, seed=config.seed, batch_size=config.batch_size,
-                         device=device, keep_successful=not config.last_iterate)
+                         device=device, keep_successful=not config.last_iterate,
+                         **hfc.engine_loss(spec, config.class_loss, config.kappa_value()))
     started = time.perf_counter()
 
     trials, lamda_rule = [], "given"
@@ -146,7 +175,8 @@ def run(config: Config) -> dict:
     out = config.results_dir(run_)
     meta = {"attack": spec.name, "hfc": True, "dataset": run_.dataset, "arch": config.arch,
             "num_component": config.num_component, "lamda": lam, "step_size_256": step_256, "steps": steps,
-            "keep_successful": not config.last_iterate, "seed": config.seed, "images_of": "A_eval"}
+            "keep_successful": not config.last_iterate, "term": config.term, "class_loss": config.class_loss,
+            "kappa": config.kappa_value(), "seed": config.seed, "images_of": "A_eval"}
     aesets.save_ae_set(out, clean=clean, adv=adv, labels=base["labels"][eval_pos], targets=base["targets"][eval_pos],
                        success=success, index=base["index"][eval_pos], eps=spec.eps, meta=meta)
 
@@ -161,8 +191,8 @@ def run(config: Config) -> dict:
         dataset=run_.dataset, arch=config.arch, attack=spec.name, detector_attack=detector_attack,
         epsilon_256=spec.eps_256, n_eval=len(eval_pos), success=success_rates, detectors=table,
         lamda=lam, lamda_rule=lamda_rule, lamda_trials=trials, num_component=config.num_component,
-        step_size_256=step_256, steps=steps, keep_successful=not config.last_iterate,
-        mixture_log_likelihood=loglik, seconds={"choose_lamda": tune_seconds, "attack": attack_seconds,
+        step_size_256=step_256, steps=steps, keep_successful=not config.last_iterate, term=config.term,
+        class_loss=config.class_loss, kappa=config.kappa_value(), mixture_log_likelihood=loglik, seconds={"choose_lamda": tune_seconds, "attack": attack_seconds,
                                                  "attack_per_image": attack_seconds / len(eval_pos),
                                                  "score": score_seconds})
     markdown = report.format_table(results, "md") + "\n" + report.format_layer_table(results, "md")
@@ -172,7 +202,8 @@ def run(config: Config) -> dict:
                                     [out / aesets.AE_FILE, out / "results.md"], folder=out)
     utils.write_json(out / runs.RESULTS, results)
     print(report.format_table(results, "text"))
-    print(f"HFC: λ = {lam:.3g} ({lamda_rule}), M = {config.num_component}, α = {step_256:g}/256, T = {steps}; "
+    print(f"HFC ({config.term} term, {config.class_loss} loss): λ = {lam:.3g} ({lamda_rule}), "
+          f"M = {config.num_component}, α = {step_256:g}/256, T = {steps}; "
           f"mean mixture log-likelihood of AE features: base {loglik['base']:.1f}, HFC {loglik['hfc']:.1f}; "
           f"attack {attack_seconds:.0f} s ({attack_seconds / len(eval_pos):.2f} s/image) -> {out}")
     return results

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 import attacks
 import gmm
@@ -17,9 +18,179 @@ from utils import UserError
 PAPER_STEP_256 = {("APTOS", "resnet50"): 0.025, ("APTOS", "vgg16"): 0.1,
                   ("CXR", "resnet50"): 0.01, ("CXR", "vgg16"): 0.04}
 # Elsewhere (the synthetic set, the small CPU archs): ε/10 per step, i.e. T = 20.
+# The term's forms: the paper's (Σ over layers of ‖(f − μ_k*) L_k*‖²/C) and the normalised one
+# (each layer divided by its held-out clean median, averaged over layers; see HFCTerm).
+TERMS = {"paper": {"normalise": False, "reduce": "sum"}, "normalised": {"normalise": True, "reduce": "mean"}}
+# The classification loss the HFC attack minimises with the term: the base method's own (CE, or
+# CW's margin for CW), or the margin clamped at κ for any method.
+CLASS_LOSSES = ("base", "margin")
 FALLBACK_STEP_FRACTION = 0.1
 DEFAULT_LAMBDA_GRID = (1.0, 0.1, 0.01, 1e-3, 1e-4, 1e-5, 1e-6)
 DEFAULT_MIN_SUCCESS = 0.95
+
+
+class _ChosenQuadratic(torch.autograd.Function):
+    """Per sample ‖z‖²/C with z = (f − μ_k*) L_k*, where z was already computed (without gradient)
+    while scoring the components; the backward pass, ∂/∂f = (2/C)·L_k* z, reads each chosen factor
+    once where it lies ("loop": one matrix-vector product per sample, the CPU's choice) or gathers
+    the chosen factors and multiplies them as one batch ("gather": the GPU's choice)."""
+
+    @staticmethod
+    def forward(ctx, f, z, chol_flat, rows, strategy):
+        ctx.save_for_backward(z, rows)
+        ctx.chol_flat, ctx.strategy = chol_flat, strategy
+        return z.square().sum(1) / z.shape[1]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, rows = ctx.saved_tensors
+        chol_flat = ctx.chol_flat
+        if ctx.strategy == "gather":
+            grad = torch.bmm(chol_flat.index_select(0, rows), z.unsqueeze(2)).squeeze(2)
+        else:
+            grad = torch.stack([torch.mv(chol_flat[r], z[i]) for i, r in enumerate(rows.tolist())])
+        return grad * (grad_out * (2.0 / z.shape[1])).unsqueeze(1), None, None, None, None
+
+
+class HFCTerm(nn.Module):
+    """The hierarchical feature constraint (Yao et al., MICCAI 2021; docs/PROTOCOL.md §7) as an ``extra``.
+
+    ``term(logits, features, targets)``: for each kept layer l and each sample with target t, the
+    component k* of t's mixture with the highest score
+    ``s_k = log_prior_k + Σ log diag(L_k) − ½‖(f − μ_k) L_k‖²`` is chosen without gradient, and
+    ``term_l = (1/C)·‖(f − μ_k*) L_k*‖²``; the result is Σ_l term_l averaged over the batch.
+    ``features`` is the full list of pooled hierarchical features (N×C per layer, as
+    ``forward_features`` returns); ``layers`` are indices into it (default: the mixtures' layers).
+
+    Cost: scoring must read every component's C×C factor of the target class at every step, which
+    dominates. The factors are stacked per layer as classes × M × C × C (a class with fewer
+    components is padded with components of score −inf); one batched product per class present
+    scores all M components, split into column panels of ``panel_width`` that skip the zero lower
+    triangle of the factors (about 40% less work at C = 512; on CUDA one full-width product, as
+    kernel launches cost more there than flops). The term's value reuses the chosen component's
+    product; its gradient reads only the chosen factor (``_ChosenQuadratic``). The buffers move to
+    the features' device (dtype float32 by default) once, on the first call, or with ``.to()``.
+
+    ``normalise``: each layer's term of a sample with target t is divided by the mixtures' held-out
+    scale of (layer, t) (``term_scales``: a held-out clean image of t then scores about 1 per
+    layer); the mixtures must carry scales (get_GMM.py fits them). ``reduce``: "sum" adds the
+    per-layer terms, "mean" averages them over the layers. The paper's term is
+    ``normalise=False, reduce="sum"`` (the default).
+    """
+
+    def __init__(self, mixtures: gmm.Mixtures, layers: Sequence[int] | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 panel_width: int | None = None, backward: str | None = None,
+                 normalise: bool = False, reduce: str = "sum"):
+        super().__init__()
+        self.layers = list(mixtures.layers if layers is None else layers)
+        unknown = [l for l in self.layers if l not in mixtures.layers]
+        if unknown:
+            raise UserError(f"no mixtures for layers {unknown}; fitted layers: {mixtures.layers}")
+        if mixtures.classes != list(range(len(mixtures.classes))):
+            raise ValueError(f"mixture classes must be 0..K-1, got {mixtures.classes}")
+        if backward not in (None, "loop", "gather"):
+            raise ValueError(f"backward must be 'loop' or 'gather', got {backward!r}")
+        if reduce not in gmm.REDUCTIONS:
+            raise ValueError(f"reduce must be one of {', '.join(gmm.REDUCTIONS)}, got {reduce!r}")
+        if normalise and not mixtures.scales:
+            raise UserError("these mixtures carry no held-out term scales, which the normalised HFC term "
+                            "needs; re-run get_GMM.py (it measures them on the run's validation images)")
+        self.normalise = bool(normalise)
+        self.reduce = reduce
+        self.num_classes = len(mixtures.classes)
+        self.panel_width = panel_width  # None: 64 on the CPU, full width on CUDA
+        self.backward_strategy = backward  # None: "loop" on the CPU, "gather" on CUDA
+        self._moved = device is not None
+        np_dtype = torch.empty(0, dtype=dtype).numpy().dtype  # stack in the final dtype: half the memory
+        for i, layer in enumerate(self.layers):
+            group = [mixtures[(layer, c)] for c in mixtures.classes]
+            M = max(p.n_components for p in group)
+            C = group[0].means.shape[1]
+            means = np.zeros((self.num_classes, M, C), np_dtype)
+            chol = np.zeros((self.num_classes, M, C, C), np_dtype)
+            const = np.full((self.num_classes, M), -np.inf)
+            for c, p in enumerate(group):
+                m = p.n_components
+                means[c, :m] = p.means
+                chol[c, :m] = p.prec_chol
+                const[c, :m] = p.log_prior + np.log(np.diagonal(p.prec_chol, axis1=1, axis2=2)).sum(1)
+            self.register_buffer(f"means_{i}", torch.from_numpy(means).to(device))
+            self.register_buffer(f"chol_{i}", torch.from_numpy(chol).to(device))
+            self.register_buffer(f"const_{i}", torch.as_tensor(const, dtype=dtype, device=device))
+        if self.normalise:  # classes × layers: gathered by target, one division per step
+            table = [[mixtures.scales[(layer, c)] for layer in self.layers] for c in mixtures.classes]
+            self.register_buffer("scales", torch.as_tensor(table, dtype=dtype, device=device))
+
+    def _ensure_on(self, like: torch.Tensor) -> None:
+        if not self._moved:
+            self.to(like.device)
+            self._moved = True
+
+    def layer_terms(self, features: Sequence[torch.Tensor], targets: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """B×n_layers terms ``(1/C)‖(f − μ_k*) L_k*‖²`` (with gradient) and the chosen k* (B×n_layers)."""
+        self._ensure_on(features[self.layers[0]])
+        device = self.means_0.device
+        on_cuda = device.type == "cuda"
+        strategy = self.backward_strategy or ("gather" if on_cuda else "loop")
+        targets = targets.to(device, torch.long)
+        # Index sets per target class, computed once for all layers (one host sync).
+        present = torch.unique(targets).tolist()
+        if len(present) == 1:
+            groups = [(present[0], None)]  # the common case: no indexing at all
+        else:
+            groups = [(c, torch.nonzero(targets == c).squeeze(1)) for c in present]
+        terms, chosen = [], []
+        for i, layer in enumerate(self.layers):
+            means, chol, const = getattr(self, f"means_{i}"), getattr(self, f"chol_{i}"), getattr(self, f"const_{i}")
+            K, M, C, _ = chol.shape
+            width = C if on_cuda and self.panel_width is None else min(C, self.panel_width or 64)
+            f = features[layer].to(means.dtype)
+            with torch.no_grad():
+                fd = f.detach()
+                if groups[0][1] is None:
+                    c = groups[0][0]
+                    k, z = self._choose(fd, means[c], chol[c], const[c], width)
+                else:
+                    k = torch.empty(len(fd), dtype=torch.long, device=device)
+                    z = torch.empty_like(fd)
+                    for c, idx in groups:
+                        k[idx], z[idx] = self._choose(fd[idx], means[c], chol[c], const[c], width)
+            rows = targets * M + k  # (class, component) -> row of the K·M stacked factors
+            terms.append(_ChosenQuadratic.apply(f, z, chol.view(K * M, C, C), rows, strategy))
+            chosen.append(k)
+        return torch.stack(terms, 1), torch.stack(chosen, 1)
+
+    @staticmethod
+    def _choose(f, means_c, chol_c, const_c, width):
+        """For the rows of ``f`` (n×C) under one class: k* (n) and z = (f − μ_k*) L_k* (n×C)."""
+        M, C, _ = chol_c.shape
+        n = len(f)
+        diff = f.unsqueeze(0) - means_c.unsqueeze(1)  # M×n×C
+        # Column panel [j, e) of (f − μ_k) L_k only involves rows < e of the upper-triangular L_k.
+        panels = [torch.bmm(diff[:, :, :e], chol_c[:, :e, j:e])
+                  for j, e in ((j, min(j + width, C)) for j in range(0, C, width))]
+        squared = panels[0].square().sum(2)
+        for panel in panels[1:]:
+            squared += panel.square().sum(2)
+        k = (const_c[:, None] - 0.5 * squared).argmax(0)  # M×n scores -> n
+        pick = torch.arange(n, device=f.device)
+        z = torch.cat([panel[k, pick] for panel in panels], 1)
+        return k, z
+
+    def layer_values(self, features: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        """B×n_layers per-layer terms as the attack uses them: ``layer_terms``, divided by the
+        held-out scale of (layer, target) with ``normalise``."""
+        terms, _ = self.layer_terms(features, targets)
+        if self.normalise:
+            terms = terms / self.scales.index_select(0, targets.to(self.scales.device, torch.long))
+        return terms
+
+    def forward(self, logits: torch.Tensor, features: Sequence[torch.Tensor],
+                targets: torch.Tensor) -> torch.Tensor:
+        values = self.layer_values(features, targets)
+        return (values.sum(1) if self.reduce == "sum" else values.mean(1)).mean()
 
 
 def hfc_schedule(dataset: str, arch: str, eps_256: float, step_size_256: float | None = None,
@@ -36,16 +207,15 @@ def hfc_schedule(dataset: str, arch: str, eps_256: float, step_size_256: float |
     return float(step_size_256), int(steps)
 
 
-def results_key(num_component: int, lamda: str, step_size_256: float | None = None, steps: int | None = None,
-                last_iterate: bool = False, detector: str | None = None) -> str:
+def results_key(num_component: int, lamda: str, variant: dict | None = None) -> str:
     """The results folder's key for the settings as asked (``hfc_<key>``): ``M<y>_lam<λ or auto>``
-    plus ``_a<α>``/``_T<T>`` when given, ``_last`` and ``_det<ATTACK>`` when set. It only keeps runs
-    with other settings apart; what a folder holds is read from its record, never from its name."""
+    plus ``_<name><value>`` for each setting in ``variant`` (the ones that differ from the
+    defaults; a True flag adds its name alone). It only keeps runs with other settings apart: what a
+    folder holds is read from its record, never from its name."""
     key = f"M{num_component}_lam{lamda_text(lamda)}"
-    key += f"_a{step_size_256:g}" if step_size_256 is not None else ""
-    key += f"_T{steps}" if steps is not None else ""
-    key += "_last" if last_iterate else ""
-    return key + (f"_det{detector}" if detector else "")
+    for name, value in (variant or {}).items():
+        key += f"_{name}" + ("" if value is True else f"{value:g}" if isinstance(value, float) else f"{value}")
+    return key
 
 
 def lamda_text(lamda: str | float) -> str:
@@ -53,7 +223,17 @@ def lamda_text(lamda: str | float) -> str:
     return "auto" if str(lamda).lower() == "auto" else f"{float(lamda):g}"
 
 
-def hfc_attack(model, term: gmm.HFCTerm | None, images: torch.Tensor, targets: np.ndarray,
+def engine_loss(spec: attacks.AttackSpec, class_loss: str, kappa: float | None) -> dict:
+    """The engine options for the classification loss: {} for the method's own, or the margin
+    clamped at κ (``loss="cw"``) for ``class_loss="margin"``."""
+    if class_loss not in CLASS_LOSSES:
+        raise UserError(f"unknown classification loss {class_loss!r}; expected one of {', '.join(CLASS_LOSSES)}")
+    if class_loss == "base":
+        return {} if kappa is None else {"kappa": kappa}
+    return {"loss": "cw", "kappa": attacks.CW_KAPPA if kappa is None else kappa}
+
+
+def hfc_attack(model, term: HFCTerm | None, images: torch.Tensor, targets: np.ndarray,
                spec: attacks.AttackSpec, *, lam: float, step_size_256: float, steps: int, seed: int,
                batch_size: int, device, progress: bool = True, keep_successful: bool = True,
                **options) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +257,7 @@ def hfc_attack(model, term: gmm.HFCTerm | None, images: torch.Tensor, targets: n
     return adv[restore], success[restore]
 
 
-def choose_lambda(model, term: gmm.HFCTerm, images: torch.Tensor, targets: np.ndarray, spec, *,
+def choose_lambda(model, term: HFCTerm, images: torch.Tensor, targets: np.ndarray, spec, *,
                   grid: Sequence[float], min_success: float, refine: bool = True,
                   **attack_kwargs) -> tuple[float, list[dict], str]:
     """λ chosen on the given images (a subset of A_fit: never the evaluation images).

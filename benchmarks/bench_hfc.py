@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import attacks  # noqa: E402
 import gmm  # noqa: E402
+import hfc  # noqa: E402
 import network  # noqa: E402
 import utils  # noqa: E402
 
@@ -114,7 +115,7 @@ def main(argv=None) -> dict:
     layers = gmm.select_layers(model, max_channels=args.max_channels)
     start = time.perf_counter()
     mixtures = synthetic_mixtures(model, layers, 2, args.num_component, args.seed)
-    term = gmm.HFCTerm(mixtures, device=device)
+    term = hfc.HFCTerm(mixtures, device=device)
     build_seconds = time.perf_counter() - start
     gen = torch.Generator().manual_seed(args.seed)
     images = torch.rand(args.batch_size, 3, args.image_size, args.image_size, generator=gen)

@@ -15,6 +15,7 @@ import datasets
 import features
 import get_GMM
 import gmm
+import hfc
 import network
 import saver
 
@@ -132,7 +133,7 @@ def test_hfc_term_matches_numpy(fitted, panel_width, backward):
     feats = _features(rng, 11, channels, shift=0.4)
     targets = rng.integers(0, 3, size=11)
     expected, expected_k = _numpy_term(mixtures, [0, 1], feats, targets)
-    term = gmm.HFCTerm(mixtures, dtype=torch.float64, panel_width=panel_width, backward=backward)
+    term = hfc.HFCTerm(mixtures, dtype=torch.float64, panel_width=panel_width, backward=backward)
     tensors = [torch.tensor(f) for f in feats]
     values, chosen = term.layer_terms(tensors, torch.tensor(targets))
     assert term(None, tensors, torch.tensor(targets)).item() == pytest.approx(expected, rel=1e-10)
@@ -143,7 +144,7 @@ def test_hfc_term_matches_numpy(fitted, panel_width, backward):
     assert term(None, tensors, torch.tensor(single)).item() == pytest.approx(
         _numpy_term(mixtures, [0, 1], feats, single)[0], rel=1e-10)
     # Only the requested layers count.
-    only = gmm.HFCTerm(mixtures, layers=[1], dtype=torch.float64)
+    only = hfc.HFCTerm(mixtures, layers=[1], dtype=torch.float64)
     assert only(None, tensors, torch.tensor(targets)).item() == pytest.approx(
         _numpy_term(mixtures, [1], feats, targets)[0], rel=1e-10)
 
@@ -159,7 +160,7 @@ def test_component_choice_matches_sklearn():
     mixtures = gmm.Mixtures(params, [0], [0, 1], kind="bayesian", num_components=5)
     probe = np.concatenate([_features(rng, 30, [8], shift=s)[0] for s in (0.0, 1.0, 2.5)])
     targets = rng.integers(0, 2, size=len(probe))
-    _, chosen = gmm.HFCTerm(mixtures, dtype=torch.float64).layer_terms([torch.tensor(probe)], torch.tensor(targets))
+    _, chosen = hfc.HFCTerm(mixtures, dtype=torch.float64).layer_terms([torch.tensor(probe)], torch.tensor(targets))
     expected = [models[t]._estimate_weighted_log_prob(probe[i:i + 1]).argmax() for i, t in enumerate(targets)]
     np.testing.assert_array_equal(chosen[:, 0].numpy(), expected)
     assert len(set(expected)) > 1, "the probe should exercise several components"
@@ -171,7 +172,7 @@ def test_hfc_gradient(fitted, backward):
     rng = np.random.default_rng(6)
     feats = [torch.tensor(f, requires_grad=True) for f in _features(rng, 6, channels, shift=0.8)]
     targets = torch.tensor([0, 1, 2, 2, 1, 0])
-    term = gmm.HFCTerm(mixtures, dtype=torch.float64, panel_width=4, backward=backward)
+    term = hfc.HFCTerm(mixtures, dtype=torch.float64, panel_width=4, backward=backward)
     assert torch.autograd.gradcheck(lambda a, b: term(None, [a, b], targets), feats)
     # The same gradient as plain autograd through (f − μ_k*) L_k* with the chosen components.
     value = term(None, feats, targets)
@@ -229,7 +230,7 @@ def test_term_scales_are_the_median_term(scaled):
 
 def test_normalised_term_is_one_on_the_scale_images(scaled):
     mixtures, feats, labels = scaled
-    term = gmm.HFCTerm(mixtures, dtype=torch.float64, normalise=True)
+    term = hfc.HFCTerm(mixtures, dtype=torch.float64, normalise=True)
     values = term.layer_values([torch.tensor(f) for f in feats], torch.tensor(labels)).numpy()
     for cls in mixtures.classes:
         np.testing.assert_allclose(np.median(values[labels == cls], axis=0), 1.0, rtol=1e-10)
@@ -244,11 +245,11 @@ def test_mean_reduction_is_sum_over_layers(scaled, normalise):
     rng = np.random.default_rng(8)
     feats = [torch.tensor(f) for f in _features(rng, 7, [7, 9], shift=0.6)]
     targets = torch.tensor([0, 1, 2, 2, 1, 0, 0])
-    total = gmm.HFCTerm(mixtures, dtype=torch.float64, normalise=normalise)(None, feats, targets)
-    mean = gmm.HFCTerm(mixtures, dtype=torch.float64, normalise=normalise, reduce="mean")(None, feats, targets)
+    total = hfc.HFCTerm(mixtures, dtype=torch.float64, normalise=normalise)(None, feats, targets)
+    mean = hfc.HFCTerm(mixtures, dtype=torch.float64, normalise=normalise, reduce="mean")(None, feats, targets)
     assert mean.item() == pytest.approx(total.item() / 2, rel=1e-12)
     with pytest.raises(ValueError, match="reduce"):
-        gmm.HFCTerm(mixtures, reduce="max")
+        hfc.HFCTerm(mixtures, reduce="max")
 
 
 @pytest.mark.parametrize("backward", ["loop", "gather"])
@@ -257,7 +258,7 @@ def test_normalised_mean_term_gradient(scaled, backward):
     rng = np.random.default_rng(9)
     feats = [torch.tensor(f, requires_grad=True) for f in _features(rng, 6, [7, 9], shift=0.8)]
     targets = torch.tensor([0, 1, 2, 2, 1, 0])
-    term = gmm.HFCTerm(mixtures, dtype=torch.float64, panel_width=4, backward=backward, normalise=True,
+    term = hfc.HFCTerm(mixtures, dtype=torch.float64, panel_width=4, backward=backward, normalise=True,
                        reduce="mean")
     assert torch.autograd.gradcheck(lambda a, b: term(None, [a, b], targets), feats)
 
@@ -273,9 +274,9 @@ def test_scales_save_load_and_required(scaled, fitted, tmp_path):
     old = gmm.load_mixtures(tmp_path / "without")
     assert old.scales is None and old.summary()["heldout_term"] is None
     assert not any(key.endswith("_scale") for key in np.load(tmp_path / "without" / "mixtures.npz").files)
-    gmm.HFCTerm(old)  # the paper's term needs no scales
+    hfc.HFCTerm(old)  # the paper's term needs no scales
     with pytest.raises(gmm.UserError, match="get_GMM.py"):
-        gmm.HFCTerm(old, normalise=True)
+        hfc.HFCTerm(old, normalise=True)
 
 
 def test_hfc_term_float32_on_model_features():
@@ -290,8 +291,8 @@ def test_hfc_term_float32_on_model_features():
     labels = np.repeat([0, 1], 12)
     mixtures = gmm.fit_mixtures(pooled, labels, layers, 2, kind="em", n_jobs=1, progress=False)
     targets = torch.tensor(labels[::-1].copy())
-    v32, k32 = gmm.HFCTerm(mixtures).layer_terms(feats, targets)
-    v64, k64 = gmm.HFCTerm(mixtures, dtype=torch.float64).layer_terms(feats, targets)
+    v32, k32 = hfc.HFCTerm(mixtures).layer_terms(feats, targets)
+    v64, k64 = hfc.HFCTerm(mixtures, dtype=torch.float64).layer_terms(feats, targets)
     assert v32.dtype == torch.float32 and torch.isfinite(v32).all()
     assert (k32 == k64).float().mean() > 0.95
     torch.testing.assert_close(v32.double(), v64, rtol=1e-3, atol=1e-3)

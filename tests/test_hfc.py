@@ -25,6 +25,7 @@ import gmm_attack
 import hfc
 import report
 import reproduce
+import runs
 import saver
 from utils import UserError
 
@@ -105,10 +106,14 @@ def test_choose_lambda_bar_is_the_base_attacks_own_success(monkeypatch):
 
 def test_results_keys_of_other_settings_do_not_collide():
     keys = [hfc.results_key(8, "auto"), hfc.results_key(8, "1"), hfc.results_key(8, "0.0100"),
-            hfc.results_key(8, "auto", 0.05, 40), hfc.results_key(8, "auto", last_iterate=True),
-            hfc.results_key(2, "AUTO"), hfc.results_key(8, "auto", detector="PGD_Linf_4")]
+            hfc.results_key(8, "auto", {"a": 0.05, "T": 40}), hfc.results_key(8, "auto", {"last": True}),
+            hfc.results_key(2, "AUTO"), hfc.results_key(8, "auto", {"det": "PGD_Linf_4", "term": "normalised"})]
     assert keys == ["M8_lamauto", "M8_lam1", "M8_lam0.01", "M8_lamauto_a0.05_T40", "M8_lamauto_last",
-                    "M2_lamauto", "M8_lamauto_detPGD_Linf_4"]
+                    "M2_lamauto", "M8_lamauto_detPGD_Linf_4_termnormalised"]
+    run = runs.Run("synthetic", "resnet18")
+    folder = lambda **kw: gmm_attack.Config(arch="resnet18", **kw).results_dir(run).name  # noqa: E731
+    assert folder() == "hfc_M8_lam1" and folder(detector="I_FGSM_Linf_1") == "hfc_M8_lam1"
+    assert folder(lamda="auto", steps=7, class_loss="margin") == "hfc_M8_lamauto_T7_lossmargin"
 
 
 def _eval_images(root: Path, n: int = 12):
@@ -122,7 +127,7 @@ def _eval_images(root: Path, n: int = 12):
 def test_lambda_zero_is_the_base_attack_and_lambda_pulls_features_in(pipeline):
     run, model, mixtures, clean, targets, base = _eval_images(pipeline)
     spec = attacks.parse_attack(ATTACK)
-    term = gmm.HFCTerm(mixtures)
+    term = hfc.HFCTerm(mixtures)
     kwargs = dict(step_size_256=0.8, steps=10, seed=0, batch_size=5, device="cpu", progress=False)
     plain, plain_success = hfc.hfc_attack(model, term, clean, targets, spec, lam=0.0, **kwargs)
     reference, reference_success = attacks.run_attack(model, clean, targets, spec, steps=10, step_size=0.8 / 256,
@@ -154,7 +159,7 @@ def test_normalised_term_with_the_cw_loss(pipeline, monkeypatch):
         return real_run_attack(*args, **kwargs)
 
     monkeypatch.setattr(attacks, "run_attack", spy)
-    term = gmm.HFCTerm(mixtures, normalise=True, reduce="mean")
+    term = hfc.HFCTerm(mixtures, normalise=True, reduce="mean")
     kwargs = dict(step_size_256=0.8, steps=10, seed=0, batch_size=8, device="cpu", progress=False,
                   loss="cw", kappa=1.0)
     plain, plain_success = hfc.hfc_attack(model, term, clean, targets, spec, lam=0.0, **kwargs)
