@@ -172,13 +172,10 @@ def run(config: Config) -> dict:
     adv, success = hfc.hfc_attack(model, term, torch.from_numpy(clean), base["targets"][eval_pos], spec,
                                   lam=lam, **attack_kwargs)
     attack_seconds = time.perf_counter() - timer
-    out = config.results_dir(run_)
     meta = {"attack": spec.name, "hfc": True, "dataset": run_.dataset, "arch": config.arch,
             "num_component": config.num_component, "lamda": lam, "step_size_256": step_256, "steps": steps,
             "keep_successful": not config.last_iterate, "term": config.term, "class_loss": config.class_loss,
             "kappa": config.kappa_value(), "seed": config.seed, "images_of": "A_eval"}
-    aesets.save_ae_set(out, clean=clean, adv=adv, labels=base["labels"][eval_pos], targets=base["targets"][eval_pos],
-                       success=success, index=base["index"][eval_pos], eps=spec.eps, meta=meta)
 
     timer = time.perf_counter()
     rows = {"base": (base["adv"][eval_pos], base["success"][eval_pos]), "hfc": (adv.numpy(), success.numpy())}
@@ -192,15 +189,21 @@ def run(config: Config) -> dict:
         epsilon_256=spec.eps_256, n_eval=len(eval_pos), success=success_rates, detectors=table,
         lamda=lam, lamda_rule=lamda_rule, lamda_trials=trials, num_component=config.num_component,
         step_size_256=step_256, steps=steps, keep_successful=not config.last_iterate, term=config.term,
-        class_loss=config.class_loss, kappa=config.kappa_value(), mixture_log_likelihood=loglik, seconds={"choose_lamda": tune_seconds, "attack": attack_seconds,
-                                                 "attack_per_image": attack_seconds / len(eval_pos),
-                                                 "score": score_seconds})
+        class_loss=config.class_loss, kappa=config.kappa_value(), mixture_log_likelihood=loglik,
+        seconds={"choose_lamda": tune_seconds, "attack": attack_seconds,
+                 "attack_per_image": attack_seconds / len(eval_pos), "score": score_seconds})
     markdown = report.format_table(results, "md") + "\n" + report.format_layer_table(results, "md")
-    utils.atomic_write_bytes(out / "results.md", markdown.encode())
-    results["record"] = runs.record("hfc", config.settings(), stage_inputs(run_, spec.name, detector_attack, noise,
-                                                                   config.num_component),
-                                    [out / aesets.AE_FILE, out / "results.md"], folder=out)
-    utils.write_json(out / runs.RESULTS, results)
+    # The folder's AEs, table and record are swapped in together, once all of them exist.
+    out = config.results_dir(run_)
+    with utils.replacing_dir(out) as staging:
+        aesets.save_ae_set(staging, clean=clean, adv=adv, labels=base["labels"][eval_pos],
+                           targets=base["targets"][eval_pos], success=success, index=base["index"][eval_pos],
+                           eps=spec.eps, meta=meta)
+        utils.atomic_write_bytes(staging / "results.md", markdown.encode())
+        results["record"] = runs.record("hfc", config.settings(),
+                                        stage_inputs(run_, spec.name, detector_attack, noise, config.num_component),
+                                        [staging / aesets.AE_FILE, staging / "results.md"], folder=staging)
+        utils.write_json(staging / runs.RESULTS, results)
     print(report.format_table(results, "text"))
     print(f"HFC ({config.term} term, {config.class_loss} loss): λ = {lam:.3g} ({lamda_rule}), "
           f"M = {config.num_component}, α = {step_256:g}/256, T = {steps}; "
