@@ -61,10 +61,11 @@ def open_unit(v: float) -> str | None:
 # ----------------------------------------------------------------------------------- configs
 
 def _known_dataset(name: str) -> str | None:
-    from utils import UserError, canonical_dataset
+    import datasets
+    from utils import UserError
 
     try:
-        canonical_dataset(name)
+        datasets.get(name)
     except UserError as err:
         return str(err)
     return None
@@ -107,10 +108,11 @@ class RunConfig:
     def __post_init__(self):
         # Canonical spellings, so that settings recorded by a stage compare equal to the same
         # settings asked for later (``aptos`` and ``APTOS`` are one data set).
-        from utils import UserError, canonical_dataset
+        import datasets
+        from utils import UserError
 
         try:
-            self.dataset = canonical_dataset(self.dataset)
+            self.dataset = datasets.get(self.dataset).name
         except UserError:
             pass  # the stage reports it, with the list of known names
         for key in ATTACK_FIELDS:

@@ -20,6 +20,7 @@ import torch
 import aesets
 import attacks
 import cli
+import datasets
 import evaluation
 import extract_features
 import features
@@ -37,7 +38,8 @@ import utils
 
 @dataclass
 class Config(cli.RunConfig):
-    attack: str = cli.flag("I_FGSM_Linf_1", "base attack")
+    attack: str | None = cli.flag(None, "base attack (default: the data set's: I_FGSM_Linf_1, the paper's ε, on "
+                                        "APTOS and CXR; I_FGSM_Linf_4 on the synthetic set)")
     data_root: str | None = cli.flag(None, "data folder (default: ./datasets/<DATASET>)")
     image_size: int | None = cli.flag(None, "image size (default: the data set's)", check=cli.at_least(32))
     epochs: int | None = cli.flag(None, "training epochs (default: train.py's)", check=cli.at_least(1))
@@ -49,6 +51,14 @@ class Config(cli.RunConfig):
     step_size: float | None = cli.flag(None, "HFC step in 1/256 (default: gmm_attack.py's)", check=cli.positive)
     steps: int | None = cli.flag(None, "HFC steps (default: 2ε/α)", check=cli.at_least(1))
     force: bool = cli.flag(False, "redo every stage even if its artifacts are up to date")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.attack is None:
+            try:
+                self.attack = datasets.get(self.dataset).main_attack
+            except utils.UserError:
+                pass  # an unknown data set is reported by the run
 
     def stage_configs(self) -> dict[str, cli.RunConfig]:
         """The configs of the five stages, composed from this one (no argv strings)."""

@@ -27,7 +27,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
-from utils import UserError, canonical_dataset, read_json
+import datasets
+from utils import UserError, read_json
 
 # Which script makes which artifact (for hints and for the README's layout).
 STAGE_SCRIPTS = {"train": "train.py", "attack": "gen_base_adv.py", "noise": "extract_features.py",
@@ -52,7 +53,7 @@ class Run:
     root: Path = Path(".")
 
     def __post_init__(self):
-        object.__setattr__(self, "dataset", canonical_dataset(self.dataset))
+        object.__setattr__(self, "dataset", datasets.get(self.dataset).name)
         object.__setattr__(self, "root", Path(self.root))
 
     @classmethod

@@ -66,7 +66,7 @@ def run(config: Config) -> dict:
     checkpoint of its own: a run that fails early loses nothing."""
     started = time.time()
     args = config
-    dataset = utils.canonical_dataset(args.dataset)
+    dataset = datasets.get(args.dataset).name
     run_ = runs.Run.of(config)
     device = utils.prepare_runtime(args.device, args.seed, args.threads)
     epochs = args.epochs if args.epochs is not None else datasets.get(dataset).epochs

@@ -31,12 +31,6 @@ def run_cli(main: Callable[[], Any]) -> None:
         sys.exit(130)
 
 
-def canonical_dataset(name: str) -> str:
-    """Case-insensitive data-set name -> its canonical spelling (from ``datasets.REGISTRY``)."""
-    import datasets  # here, not at the top: datasets imports utils
-    return datasets.get(name).name
-
-
 def get_device(flag: str | None = None) -> torch.device:
     """``--device`` value -> torch.device; default: CUDA when present, else CPU."""
     if flag in (None, "", "auto"):
