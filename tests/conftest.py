@@ -26,6 +26,10 @@ def _one_thread():
 def tiny_run(tmp_path_factory) -> Path:
     """A ResNet-18 trained briefly on 32 px synthetic images; returns runs_synthetic/resnet18.
 
+    400 training images, batch 16, 3 epochs (about 70 steps, ~20 s on one core): the smallest
+    setting measured to clear chance reliably (test accuracy 0.90 and 0.78 on seeds 0 and 1);
+    the former 120 images at batch 32 for 2 epochs (6 steps) stayed at chance (0.48, 0.43).
+
     The folder holds split.json, checkpoint.pt and train_summary.json, as a real run does.
     """
     import train
@@ -35,8 +39,8 @@ def tiny_run(tmp_path_factory) -> Path:
     os.chdir(base)
     try:
         train.main(["-a", "resnet18", "--dataset", "synthetic", "--image-size", "32",
-                    "--synthetic-train", "120", "--synthetic-test", "60", "--epochs", "2",
-                    "-b", "32", "--seed", "0", "--device", "cpu", "--threads", "1"])
+                    "--synthetic-train", "400", "--synthetic-test", "60", "--epochs", "3",
+                    "-b", "16", "--seed", "0", "--device", "cpu", "--threads", "1"])
     finally:
         os.chdir(cwd)
     return base / "runs_synthetic" / "resnet18"

@@ -219,8 +219,8 @@ def test_gmm_attack_eval_and_reproduce_end_to_end(pipeline, monkeypatch):
 def _reproduce_same_settings():
     """reproduce.py's config (+ stage overrides) with the settings the fixtures used."""
     config = reproduce.Config(arch="resnet18", attack=ATTACK, num_component=2, device="cpu", image_size=32,
-                              epochs=2)
-    overrides = {"train": {"synthetic_train": 120, "synthetic_test": 60, "batch_size": 32},
+                              epochs=3)
+    overrides = {"train": {"synthetic_train": 400, "synthetic_test": 60, "batch_size": 16},
                  "detectors": {"bu_passes": 5, "lid_k": 5, "lid_batch": 20, "dnn_epochs": 2, "train_limit": 60,
                                "batch_size": 16},
                  "hfc": {"tune_images": 8}}
