@@ -195,9 +195,16 @@ def test_gmm_attack_eval_and_reproduce_end_to_end(pipeline, monkeypatch):
     hfc_set = aesets.load_ae_set(folder)  # checked: L∞ ≤ ε, range, shapes
     assert len(hfc_set["index"]) == results["n_eval"]
 
+    # HFC hides: its mean detector AUC is below that of the λ = 0 control (the same base attack at
+    # HFC's own schedule and keep-successful rule) on the same A_eval images.
+    control = gmm_attack.main(common + ["--attack", ATTACK, "--lamda", "0"])
+    mean_auc = lambda r: np.mean([rows["hfc"]["auc"] for rows in r["detectors"].values()])  # noqa: E731
+    print(f"mean AUC: HFC {mean_auc(results):.3f} (λ = {results['lamda']:g}), λ = 0 control {mean_auc(control):.3f}")
+    assert mean_auc(results) < mean_auc(control) - 0.1
+
     # eval.py scores the saved sets again with the same code path: identical numbers
     [again] = eval_script.main(["-a", "resnet18", "--dataset", "synthetic", "--attack", ATTACK, "--device", "cpu",
-                                "--format", "csv", "--per-layer"])
+                                "--format", "csv", "--per-layer", "--hfc", "hfc_M2_lamauto"])
     assert again["detectors"] == results["detectors"] and again["success"] == results["success"]
     # the per-layer detectors report every layer's AUC, for both rows
     for name in ("KD", "LID", "MAHA", "DNN"):
