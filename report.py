@@ -1,8 +1,16 @@
-"""The paper-style table: the results dict (``results.json`` schema) and its text formats."""
+"""The paper-style table: the results dict (``results.json`` schema) and its text formats.
+
+As a command, it gathers saved results into one table without re-scoring anything (the README's
+tables are made this way; the command that made a table is printed under it):
+
+    python report.py runs_synthetic/resnet50/I_FGSM_Linf_4/hfc_*/results.json --format md
+"""
 from __future__ import annotations
 
 import csv
 import io
+import sys
+from pathlib import Path
 from typing import Any
 
 DETECTOR_ORDER = ("KD", "BU", "KD+BU", "LID", "MAHA", "SVM", "DNN")
@@ -83,3 +91,64 @@ def format_layer_table(results: dict[str, Any], fmt: str = "md") -> str:
         lines.append(["combined"] + [f"{per_row[r]['auc']:.3f}" if r in per_row else "-" for r in rows_present])
         parts.append(_render(f"{name}: AUC of each layer's score", lines, fmt))
     return "\n".join(parts)
+
+
+def summary_rows(results: dict[str, Any], label: str, with_base: bool = True) -> list[list[str]]:
+    """One line per row of ``results`` ("base" unless ``with_base`` is False, "hfc"): AUC per
+    detector, mean AUC, success, λ."""
+    lines = []
+    for row in [r for r in ROWS if r in results["success"] and (with_base or r != "base")]:
+        aucs = [per_row[row]["auc"] for per_row in results["detectors"].values() if row in per_row]
+        lam = results.get("lamda") if row == "hfc" else None
+        lines.append([label, row if row == "base" else _hfc_label(results)]
+                     + [f"{results['detectors'][name][row]['auc']:.3f}" if name in results["detectors"] else "-"
+                        for name in DETECTOR_ORDER]
+                     + [f"{sum(aucs) / len(aucs):.3f}", f"{results['success'][row]:.3f}",
+                        "-" if lam is None else f"{lam:.3g}"])
+    return lines
+
+
+def _hfc_label(results: dict[str, Any]) -> str:
+    if results.get("lamda") == 0:
+        return "λ = 0 control"
+    settings = (results.get("record") or {}).get("settings", {})
+    parts = [f"HFC ({settings.get('term', results.get('term', 'paper'))}"]
+    if settings.get("class_loss", "base") != "base":
+        parts.append(f", {settings['class_loss']} κ {results.get('kappa')}")
+    return "".join(parts) + f", λ {settings.get('lamda', results.get('lamda'))})"
+
+
+def main(argv=None) -> str:
+    import argparse
+
+    import utils
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", help="results.json files (gmm_attack.py's)")
+    parser.add_argument("--format", default="md", choices=("md", "csv", "text"), help="table format (default: md)")
+    parser.add_argument("--label", default="run", choices=("run", "seed", "dataset"),
+                        help="what names each row's run: its folder, its seed or its data set (default: run)")
+    args = parser.parse_args(argv)
+    lines = [["run", "row", *DETECTOR_ORDER, "mean AUC", "success", "λ"]]
+    bases_shown = set()
+    for path in args.results:
+        results = utils.read_json(path, "HFC results", "run gmm_attack.py first")
+        record = results.get("record") or {}
+        run_dir = Path(path).resolve().parents[2]
+        label = {"run": f"{run_dir.parent.name}/{run_dir.name}",
+                 "seed": f"seed {record.get('settings', {}).get('seed', '?')}",
+                 "dataset": f"{results['dataset']} {results['arch']} {results['attack']}"}[args.label]
+        # The base row of the same run, attack and images is shown once.
+        base_key = (str(run_dir), results["attack"], results["n_eval"], results["detector_attack"])
+        lines += summary_rows(results, label, with_base=base_key not in bases_shown)
+        bases_shown.add(base_key)
+    command = "python report.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    table = _render(f"AUC on A_eval ({command})", lines, args.format)
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    import utils
+
+    utils.run_cli(main)
