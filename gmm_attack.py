@@ -6,14 +6,14 @@ mixtures added (docs/PROTOCOL.md §7; CW keeps its margin loss), save the HFC AE
 every AE set), and print the paper's table: per detector AUC and TNR@90 for the base AEs and for
 the HFC AEs of the same images, and both success rates. λ is the paper's 1 by default; with
 ``--lamda auto`` it is chosen on A_fit images only (never on the evaluation images): the largest
-value (``--lamda-grid``, refined by one geometric midpoint) whose attack still succeeds on
-``--min-success`` of them.
+value of ``--lamda-grid`` (refined by one geometric midpoint) whose attack succeeds on as many of
+them as the bar asks, the smaller of ``--min-success`` and the base attack's own success there.
 
     python gmm_attack.py -a resnet50 --dataset APTOS --attack I_FGSM_Linf_1 -y 2 --lamda auto
 
 Writes ``runs_<DATASET>/<arch>/<ATTACK>/hfc_<key>/`` (``hfc.results_key``: ``M<y>_lam<λ or auto>``,
 plus the settings given that differ from the defaults): adv.npz, summary.json, results.json (with
-the stage's record: its resolved settings, how λ was chosen, and what it was made from) and
+the stage's record: its settings, how λ was chosen, and what it was made from) and
 results.md. It refuses, naming the stage to run again, when the detectors or the mixtures were
 made from an older model or AE set.
 """
@@ -37,13 +37,13 @@ import runs
 import saver
 import utils
 
-
 DEFAULT_TERM = "paper"
 DEFAULT_CLASS_LOSS = "base"
 DEFAULT_KAPPA = 0.0
 
 
 def lamda_value(text: str) -> str | None:
+    """The domain of ``--lamda``: a non-negative number or "auto"."""
     if text.lower() == "auto":
         return None
     try:
@@ -53,6 +53,7 @@ def lamda_value(text: str) -> str | None:
 
 
 def grid_value(text: str) -> str | None:
+    """The domain of ``--lamda-grid``: a comma list of positive numbers."""
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -91,6 +92,11 @@ class Config(cli.RunConfig):
                                          "CW's own otherwise)", check=cli.non_negative)
     limit: int | None = cli.flag(None, "attack only the first N images of A_eval", check=cli.at_least(2))
     batch_size: int = cli.flag(32, "attack batch size", short="-b", check=cli.at_least(1))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if lamda_value(self.lamda) is None:  # "1", "1.0" and "1e0" are one λ
+            self.lamda = hfc.lamda_text(self.lamda)
 
     def results_dir(self, run: runs.Run) -> Path:
         """``<ATTACK>/hfc_<key>``: M and λ as asked, plus every key setting that differs from its default."""
