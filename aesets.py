@@ -92,7 +92,7 @@ def load_ae_set(folder: str | Path, hint: str = "run gen_base_adv.py first") -> 
     if missing:
         raise UserError(f"{folder / AE_FILE} is not an AE set (it lacks {', '.join(missing)}); {hint}")
     meta = read_json(folder / SUMMARY_FILE, "AE summary", hint) if (folder / SUMMARY_FILE).is_file() else None
-    if meta is not None and not isinstance(meta, dict):
+    if meta is not None and (not isinstance(meta, dict) or not isinstance(meta.get("eps"), (int, float))):
         raise UserError(f"{folder / SUMMARY_FILE} is not an AE-set summary; {hint}")
     check_ae_set(arrays, None if meta is None else meta.get("eps"), where=str(folder / AE_FILE))
     if meta is not None:

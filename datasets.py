@@ -257,6 +257,8 @@ def write_split(run_dir: str | Path, split: dict[str, Any]) -> Path:
 def read_split(run_dir: str | Path) -> dict[str, Any]:
     """The split.json of a run directory (UserError naming train.py when it is missing)."""
     split = read_json(Path(run_dir) / SPLIT_FILE, "data split", "run train.py first")
+    if not isinstance(split, dict):
+        raise UserError(f"{Path(run_dir) / SPLIT_FILE} is not a data split; re-run train.py")
     for key in ("dataset", "image_size", "num_classes", "class_names", *PARTS):
         if key not in split:
             raise UserError(f"{Path(run_dir) / SPLIT_FILE} lacks {key!r}; re-run train.py")

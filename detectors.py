@@ -244,17 +244,23 @@ class Detector(BaseEstimator):
                                             "state": state})
 
     @classmethod
-    def load(cls, folder: str | Path) -> "Detector":
+    def load(cls, folder: str | Path, hint: str = "run extract_features.py first") -> "Detector":
+        """The detector saved in ``folder``; a missing, unreadable or foreign file is a UserError
+        naming it and ``hint``."""
         folder = Path(folder)
-        hint = "run extract_features.py first"
         saved = read_json(folder / SETTINGS_FILE, f"{cls.name} detector settings", hint)
-        if saved.get("name") != cls.name:
-            raise UserError(f"{folder} holds a {saved.get('name')!r} detector, not {cls.name}")
-        detector = cls(**saved["settings"])
-        detector.layer_names_ = list(saved["layer_names"])
-        detector.fit_seconds_ = float(saved.get("fit_seconds", float("nan")))  # absent in older folders
-        detector._restore(saved["state"], load_npz(folder / ARRAYS_FILE, f"{cls.name} detector arrays", hint),
-                          folder)
+        found = saved.get("name") if isinstance(saved, dict) else None
+        if found != cls.name:
+            raise UserError(f"{folder / SETTINGS_FILE} holds no {cls.name} detector (found {found!r}); {hint}")
+        arrays = load_npz(folder / ARRAYS_FILE, f"{cls.name} detector arrays", hint)
+        try:
+            detector = cls(**saved["settings"])
+            detector.layer_names_ = list(saved["layer_names"])
+            detector.fit_seconds_ = float(saved.get("fit_seconds", float("nan")))  # absent in older folders
+            detector._restore(saved["state"], arrays, folder)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
+            raise UserError(f"corrupt {cls.name} detector: {folder / ARRAYS_FILE} and {folder / SETTINGS_FILE} "
+                            f"do not fit together ({type(err).__name__}: {err}); {hint}") from None
         return detector
 
 
@@ -851,12 +857,16 @@ class DNN(LayerDetector):
         path = folder / HEADS_FILE
         if not path.is_file():
             raise UserError(f"missing DNN detector weights {path}; run extract_features.py first")
-        states = torch.load(path, map_location="cpu", weights_only=True)
         self.heads_ = {}
-        for layer in self.layers_:
-            head = self._new_head(layer)
-            head.load_state_dict(states[str(layer)])
-            self.heads_[layer] = head.eval()
+        try:
+            states = torch.load(path, map_location="cpu", weights_only=True)
+            for layer in self.layers_:
+                head = self._new_head(layer)
+                head.load_state_dict(states[str(layer)])
+                self.heads_[layer] = head.eval()
+        except Exception as err:  # noqa: BLE001 - an unreadable or foreign file is bad input
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(f"{path} holds no DNN heads for layers {self.layers_} ({first})") from None
 
 
 # --------------------------------------------------------------------------- registry and the one path
@@ -906,12 +916,15 @@ def save_detectors(folder: str | Path, detectors: dict[str, Detector]) -> None:
 def load_detectors(folder: str | Path, names=None, hint: str = "run extract_features.py first") -> dict[str, Detector]:
     """Load the detectors saved in ``folder`` (all of them, or the named ones)."""
     folder = Path(folder)
-    saved = read_json(folder / "detectors.json", "detector index", hint)["detectors"]
+    index = read_json(folder / "detectors.json", "detector index", hint)
+    saved = index.get("detectors") if isinstance(index, dict) else None
+    if not isinstance(saved, list) or not all(isinstance(name, str) for name in saved):
+        raise UserError(f"{folder / 'detectors.json'} is not a detector index; {hint}")
     wanted = parse_names(names) if names is not None else [n for n in DETECTORS if n in saved]
     missing = [n for n in wanted if n not in saved]
     if missing:
         raise UserError(f"no fitted {', '.join(missing)} detector in {folder}; {hint}")
-    return {name: DETECTORS[name].load(folder / folder_name(name)) for name in wanted}
+    return {name: DETECTORS[name].load(folder / folder_name(name), hint) for name in wanted}
 
 
 def evaluate_rows(detectors: dict[str, Detector], model, benign: FeatureSet, adv_rows: dict[str, FeatureSet],

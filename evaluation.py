@@ -72,7 +72,10 @@ def make_noise_set(run: runs.Run, model, noise: str, clean: np.ndarray, labels: 
 def noise_versions(run: runs.Run, noise: str, base: dict[str, Any], *, hint: str) -> np.ndarray:
     """The noise versions of the images of the AE set ``base``, in its order; a UserError (with
     ``hint``) when the noise set is missing, stale (made from another model) or lacks some images."""
-    folder = run.ae_dir(attacks.parse_attack(noise).name)
+    spec = attacks.parse_attack(noise)
+    if spec.method != "Noise":
+        raise UserError(f"--noise must be a Noise_Linf_<k> set, not {noise!r}")
+    folder = run.ae_dir(spec.name)
     noise_set = aesets.load_ae_set(folder, hint=hint)
     runs.require_fresh(folder / aesets.SUMMARY_FILE, {"checkpoint": run.checkpoint}, f"noise set {noise}", hint)
     rows = aesets.rows_of(noise_set, base["index"], f"noise set {folder}", hint)

@@ -83,8 +83,9 @@ def ensure_noise_set(run_: runs.Run, model, noise: str, ae: dict, config: Config
                                   seed=config.seed, batch_size=config.batch_size, device=device,
                                   made_by="extract_features.py", extra_meta={"images_of": config.attack})
         print(f"made {noise} for the {len(ae['index'])} images of A -> {folder}")
-    return evaluation.noise_versions(run_, noise, ae, hint=f"delete {folder} (it is re-made here for the images "
-                                                           "of A) or re-make the attack with the same --limit")
+    return evaluation.noise_versions(run_, noise, ae, hint=f"delete {folder} and run extract_features.py again (it "
+                                                           "re-makes it for the images of A), or re-make the attack "
+                                                           "with the same --limit")
 
 
 def run(config: Config) -> dict:

@@ -371,7 +371,8 @@ def load_mixtures(folder: str | Path, hint: str = "run get_GMM.py first") -> Mix
                         fit_seconds=summary.get("fit_seconds", 0.0), scales=scales or None,
                         scale_info=(summary.get("heldout_term") or {}).get("info"))
     except (KeyError, ValueError, TypeError) as err:
-        raise UserError(f"corrupt mixtures in {folder}: {err!r}; {hint}") from None
+        raise UserError(f"corrupt mixtures {folder / MIXTURES_NAME} (or its {folder / SUMMARY_NAME}): {err!r}; "
+                        f"{hint}") from None
 
 
 def term_scales(mixtures: Mixtures, pooled_by_layer: Sequence[np.ndarray], labels: np.ndarray,

@@ -229,6 +229,8 @@ def engine_loss(spec: attacks.AttackSpec, class_loss: str, kappa: float | None) 
     if class_loss not in CLASS_LOSSES:
         raise UserError(f"unknown classification loss {class_loss!r}; expected one of {', '.join(CLASS_LOSSES)}")
     if class_loss == "base":
+        if kappa is not None and spec.method != "CW":  # refused rather than ignored: only a margin reads κ
+            raise UserError(f"--kappa applies to CW or --class-loss margin only, not {spec.name} with its own loss")
         return {} if kappa is None else {"kappa": kappa}
     return {"loss": "cw", "kappa": attacks.CW_KAPPA if kappa is None else kappa}
 
