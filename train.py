@@ -65,41 +65,40 @@ def run(config: Config) -> dict:
     a previous model, its split and its summary stay as they are until the new run has a best
     checkpoint of its own: a run that fails early loses nothing."""
     started = time.time()
-    args = config
-    dataset = datasets.get(args.dataset).name
+    dataset = datasets.get(config.dataset).name
     run_ = runs.Run.of(config)
-    device = utils.prepare_runtime(args.device, args.seed, args.threads)
-    epochs = args.epochs if args.epochs is not None else datasets.get(dataset).epochs
-    batch_size = args.batch_size or (64 if device.type == "cuda" else 16)
-    cap = args.max_train_per_class if args.max_train_per_class is not None \
+    device = utils.prepare_runtime(config.device, config.seed, config.threads)
+    epochs = config.epochs if config.epochs is not None else datasets.get(dataset).epochs
+    batch_size = config.batch_size or (64 if device.type == "cuda" else 16)
+    cap = config.max_train_per_class if config.max_train_per_class is not None \
         else datasets.get(dataset).max_train_per_class
 
-    resume_state = saver.read_checkpoint(run_.checkpoint, hint=run_.hint("train")) if args.resume else None
+    resume_state = saver.read_checkpoint(run_.checkpoint, hint=run_.hint("train")) if config.resume else None
     if resume_state is not None:
         split = datasets.read_split(run_.dir)
-        if split["dataset"] != dataset or resume_state["meta"]["arch"] != args.arch:
+        if split["dataset"] != dataset or resume_state["meta"]["arch"] != config.arch:
             raise utils.UserError(f"--resume: {run_.dir} holds a {resume_state['meta']['arch']} run on "
-                                  f"{split['dataset']}, not {args.arch} on {dataset}")
+                                  f"{split['dataset']}, not {config.arch} on {dataset}")
     else:
-        split = datasets.prepare_split(dataset, args.data_root, args.image_size, args.num_classes, args.seed,
-                                       max_train_per_class=cap or None, synthetic_train=args.synthetic_train,
-                                       synthetic_test=args.synthetic_test)
+        split = datasets.prepare_split(dataset, config.data_root, config.image_size, config.num_classes, config.seed,
+                                       max_train_per_class=cap or None, synthetic_train=config.synthetic_train,
+                                       synthetic_test=config.synthetic_test)
     counts = datasets.describe_split(split)
     print(f"{dataset} at {split['image_size']}px, run {run_.dir}: " +
           "; ".join(f"{part} {sum(c.values())} ({', '.join(f'{k} {v}' for k, v in c.items())})"
                     for part, c in counts.items()))
 
-    arrays = datasets.load_arrays(split, cache_dir=None, workers=args.workers)
+    arrays = datasets.load_arrays(split, cache_dir=None, workers=config.workers)
     # Kept as uint8 N×3×H×W tensors (a quarter of float32's memory); scaled per batch.
     data = {part: (torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))), torch.from_numpy(labels))
             for part, (images, labels) in arrays.items()}
 
     # channels_last: oneDNN's convolutions run markedly faster in this layout on a CPU.
-    model = build_model(args.arch, split["num_classes"], args.pretrained).to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    model = build_model(config.arch, split["num_classes"], config.pretrained).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=2)
     meta = {"dataset": dataset, "image_size": split["image_size"], "class_names": split["class_names"],
-            "data_root": split["data_root"], "seed": args.seed, "split": split}
+            "data_root": split["data_root"], "seed": config.seed, "split": split}
     history, first_epoch, best = [], 1, None
     if resume_state is not None:
         model.load_state_dict(resume_state["state_dict"])
@@ -113,7 +112,7 @@ def run(config: Config) -> dict:
     replaced = resume_state is not None  # a fresh run replaces the old model at its first best epoch
 
     flip_dims = datasets.get(dataset).flip_dims
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(config.seed)
     for epoch in range(first_epoch, epochs + 1):
         tic = time.time()
         train_loss = _train_epoch(model, optimizer, *data["train"], batch_size, flip_dims, generator, device,
@@ -148,7 +147,7 @@ def run(config: Config) -> dict:
                 "max_train_per_class": cap or None, "image_size": split["image_size"],
                 "data_root": split["data_root"]}
     summary = {
-        "dataset": dataset, "arch": args.arch, "run_dir": str(run_.dir), "image_size": split["image_size"],
+        "dataset": dataset, "arch": config.arch, "run_dir": str(run_.dir), "image_size": split["image_size"],
         "num_classes": split["num_classes"], "class_names": split["class_names"], "counts": counts,
         "best_epoch": best["epoch"], "val_acc": best["val_acc"], "val_loss": best["val_loss"],
         "test_acc": test_acc, "test_loss": test_loss, "test_auc": _auc(test_labels, probs),
