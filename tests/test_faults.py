@@ -35,6 +35,7 @@ import gen_base_adv
 import get_GMM
 import gmm_attack
 import reproduce
+from conftest import TINY_TRAIN
 import saver
 import train
 import utils
@@ -65,9 +66,9 @@ def reproduce_call(attack_seed: int = 0):
     """reproduce.run composed with the settings the module's fixture used (nothing to redo); the
     base attack's seed can differ (a stage override, as a grid composes them)."""
     config = reproduce.Config(arch="resnet18", attack=ATTACK, num_component=2, device="cpu", threads=1,
-                              image_size=32, epochs=2, lamda="0")
+                              image_size=TINY_TRAIN["image_size"], epochs=TINY_TRAIN["epochs"], lamda="0")
     overrides = {"attack": {"seed": attack_seed},
-                 "train": {"synthetic_train": 120, "synthetic_test": 60, "batch_size": 32},
+                 "train": {key: TINY_TRAIN[key] for key in ("synthetic_train", "synthetic_test", "batch_size")},
                  "detectors": {"bu_passes": 5, "lid_k": 5, "lid_batch": 20, "dnn_epochs": 2, "train_limit": 60,
                                "batch_size": 16, "maha_magnitude": 0.0}}
     return lambda: reproduce.run(config, overrides)

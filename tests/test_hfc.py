@@ -25,6 +25,7 @@ import gmm_attack
 import hfc
 import report
 import reproduce
+from conftest import TINY_TRAIN
 import runs
 import saver
 from utils import UserError
@@ -225,9 +226,9 @@ def test_gmm_attack_eval_and_reproduce_end_to_end(pipeline, monkeypatch):
 
 def _reproduce_same_settings():
     """reproduce.py's config (+ stage overrides) with the settings the fixtures used."""
-    config = reproduce.Config(arch="resnet18", attack=ATTACK, num_component=2, device="cpu", image_size=32,
-                              epochs=3)
-    overrides = {"train": {"synthetic_train": 400, "synthetic_test": 60, "batch_size": 16},
+    config = reproduce.Config(arch="resnet18", attack=ATTACK, num_component=2, device="cpu",
+                              image_size=TINY_TRAIN["image_size"], epochs=TINY_TRAIN["epochs"])
+    overrides = {"train": {key: TINY_TRAIN[key] for key in ("synthetic_train", "synthetic_test", "batch_size")},
                  "detectors": {"bu_passes": 5, "lid_k": 5, "lid_batch": 20, "dnn_epochs": 2, "train_limit": 60,
                                "batch_size": 16},
                  "hfc": {"tune_images": 8}}
