@@ -39,7 +39,7 @@ import utils
 @dataclass
 class Config(cli.RunConfig):
     attack: str | None = cli.flag(None, "base attack (default: the data set's: I_FGSM_Linf_1, the paper's ε, on "
-                                        "APTOS and CXR; I_FGSM_Linf_4 on the synthetic set)")
+                                        "APTOS and CXR; I_FGSM_Linf_6 on the synthetic set)")
     data_root: str | None = cli.flag(None, "data folder (default: ./datasets/<DATASET>)")
     image_size: int | None = cli.flag(None, "image size (default: the data set's)", check=cli.at_least(32))
     epochs: int | None = cli.flag(None, "training epochs (default: train.py's)", check=cli.at_least(1))
