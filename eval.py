@@ -56,7 +56,7 @@ def run(config: Config) -> list[dict]:
     fitted = detectors.load_detectors(run_.detectors_dir(detector_attack), hint=detectors_hint)
     runs.require_fresh(run_.detectors_dir(detector_attack) / runs.SUMMARY,
                        {"checkpoint": run_.checkpoint, "attack_set": run_.ae_dir(detector_attack) / aesets.AE_FILE},
-                       "the detectors", detectors_hint.replace(" first", " again"))
+                       "the detectors", run_.hint("detectors", f"--attack {detector_attack}", when="again"))
     attack_dir = run_.ae_dir(spec.name)
     folders = ([attack_dir / name.strip() for name in config.hfc.split(",") if name.strip()]
                if config.hfc is not None else sorted(p for p in attack_dir.glob("hfc_*") if p.is_dir()))

@@ -90,7 +90,7 @@ def load_protocol_sets(run: runs.Run, attack: str, noise: str) -> dict[str, Any]
     base_dir = run.ae_dir(attack)
     base = aesets.load_ae_set(base_dir, hint=run.hint("attack", f"--attack {attack}"))
     runs.require_fresh(base_dir / aesets.SUMMARY_FILE, {"checkpoint": run.checkpoint}, f"AE set {attack}",
-                       run.hint("attack", f"--attack {attack}").replace(" first", " again"))
+                       run.hint("attack", f"--attack {attack}", when="again"))
     noisy = noise_versions(run, noise, base, hint=run.hint("detectors", f"--attack {attack}"))
     fit_pos, eval_pos = fit_eval_split(len(base["index"]))
     return {"base": base, "noisy": noisy, "fit": fit_pos, "eval": eval_pos}

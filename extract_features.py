@@ -105,7 +105,7 @@ def run(config: Config) -> dict:
     attack_hint = run_.hint("attack", f"--attack {attack.name}")
     ae = aesets.load_ae_set(run_.ae_dir(attack.name), hint=attack_hint)
     runs.require_fresh(run_.ae_dir(attack.name) / aesets.SUMMARY_FILE, {"checkpoint": run_.checkpoint},
-                       f"AE set {attack.name}", attack_hint.replace(" first", " again"))
+                       f"AE set {attack.name}", run_.hint("attack", f"--attack {attack.name}", when="again"))
     fit_pos, eval_pos = evaluation.fit_eval_split(len(ae["index"]))
     success = ae["success"].astype(bool)
     for part, positions in (("A_fit", fit_pos), ("A_eval", eval_pos)):

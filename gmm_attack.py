@@ -145,14 +145,15 @@ def run(config: Config) -> dict:
     fitted = detectors.load_detectors(detectors_dir, hint=run_.hint("detectors", f"--attack {detector_attack}"))
     runs.require_fresh(detectors_dir / runs.SUMMARY,
                        {"checkpoint": run_.checkpoint, "attack_set": run_.ae_dir(detector_attack) / aesets.AE_FILE},
-                       "the detectors", run_.hint("detectors", f"--attack {detector_attack}").replace(" first", " again"))
+                       "the detectors", run_.hint("detectors", f"--attack {detector_attack}", when="again"))
     mixtures_hint = run_.hint("mixtures", f"-y {config.num_component}")
     mixtures = gmm.load_mixtures(run_.mixtures_dir(config.num_component), hint=mixtures_hint)
     runs.require_fresh(run_.mixtures_dir(config.num_component) / runs.SUMMARY, {"checkpoint": run_.checkpoint},
-                       "the mixtures", mixtures_hint.replace(" first", " again"))
+                       "the mixtures", run_.hint("mixtures", f"-y {config.num_component}", when="again"))
     if config.term == "normalised" and mixtures.scales is None:
         raise utils.UserError(f"the mixtures in {run_.mixtures_dir(config.num_component)} carry no held-out term "
-                              f"scales (made by an older get_GMM.py); {mixtures_hint.replace(' first', ' again')}")
+                              f"scales (made by an older get_GMM.py); "
+                              f"{run_.hint('mixtures', f'-y {config.num_component}', when='again')}")
     term = hfc.HFCTerm(mixtures, device=device, **hfc.TERMS[config.term])
     step_256, steps = hfc.hfc_schedule(run_.dataset, config.arch, spec.eps_256, config.step_size, config.steps)
     base = sets["base"]

@@ -99,9 +99,10 @@ class Run:
         """The flags that select this run, to paste into a command."""
         return f"-a {self.arch}" + (f" -n {self.name}" if self.name else "") + f" --dataset {self.dataset}"
 
-    def hint(self, stage: str, extra: str = "") -> str:
-        """``run <script> <flags selecting this run> <extra> first``."""
-        return f"run {STAGE_SCRIPTS[stage]} {self.select_flags()}{' ' + extra if extra else ''} first"
+    def hint(self, stage: str, extra: str = "", when: str = "first") -> str:
+        """``run <script> <flags selecting this run> <extra> first`` (``when="again"`` for an
+        artifact that exists but is stale)."""
+        return f"run {STAGE_SCRIPTS[stage]} {self.select_flags()}{' ' + extra if extra else ''} {when}"
 
 
 # ----------------------------------------------------------------------------------- provenance
