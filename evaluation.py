@@ -49,15 +49,21 @@ def choose_targets(labels: np.ndarray, num_classes: int, seed: int) -> np.ndarra
     return (labels + shift) % num_classes
 
 
+def parse_noise(name: str) -> attacks.AttackSpec:
+    """The spec of a benign noise set; a UserError unless ``name`` is a ``Noise_Linf_<k>`` set."""
+    spec = attacks.parse_attack(name)
+    if spec.method != "Noise":
+        raise UserError(f"--noise must be a Noise_Linf_<k> set, not {name!r}")
+    return spec
+
+
 def make_noise_set(run: runs.Run, model, noise: str, clean: np.ndarray, labels: np.ndarray, targets: np.ndarray,
                    index: np.ndarray, *, seed: int, batch_size: int, device, made_by: str,
                    extra_meta: dict[str, Any] | None = None, settings: dict[str, Any] | None = None
                    ) -> dict[str, Any]:
     """The benign noisy versions (``Noise_Linf_<k>``: uniform noise in [−ε, ε], clipped) of the
     given images of A, saved as an AE set in ``run``; the one place a noise set is made."""
-    spec = attacks.parse_attack(noise)
-    if spec.method != "Noise":
-        raise UserError(f"--noise must be a Noise_Linf_<k> set, not {noise!r}")
+    spec = parse_noise(noise)
     adv, success = attacks.run_attack(model, torch.from_numpy(np.asarray(clean)), targets, spec, seed=seed,
                                       batch_size=batch_size, device=device, progress=False)
     settings = {**(settings or {}), "attack": spec.name, "seed": seed, "images": runs.array_digest(index)}
@@ -72,9 +78,7 @@ def make_noise_set(run: runs.Run, model, noise: str, clean: np.ndarray, labels: 
 def noise_versions(run: runs.Run, noise: str, base: dict[str, Any], *, hint: str) -> np.ndarray:
     """The noise versions of the images of the AE set ``base``, in its order; a UserError (with
     ``hint``) when the noise set is missing, stale (made from another model) or lacks some images."""
-    spec = attacks.parse_attack(noise)
-    if spec.method != "Noise":
-        raise UserError(f"--noise must be a Noise_Linf_<k> set, not {noise!r}")
+    spec = parse_noise(noise)
     folder = run.ae_dir(spec.name)
     noise_set = aesets.load_ae_set(folder, hint=hint)
     runs.require_fresh(folder / aesets.SUMMARY_FILE, {"checkpoint": run.checkpoint}, f"noise set {noise}", hint)

@@ -92,9 +92,7 @@ def run(config: Config) -> dict:
     """Fit the detectors on A_fit and report them on A_eval; returns the summary."""
     names = detectors.parse_names(config.detectors)
     attack = attacks.parse_attack(config.attack)
-    noise = attacks.parse_attack(config.noise)
-    if noise.method != "Noise":
-        raise utils.UserError(f"--noise must be a Noise_Linf_<k> set, not {config.noise!r}")
+    noise = evaluation.parse_noise(config.noise)
     run_ = runs.Run.of(config)
     device = utils.prepare_runtime(config.device, config.seed, config.threads)
     model, _ = saver.load_model(run_.checkpoint, device, arch=config.arch, hint=run_.hint("train"))
