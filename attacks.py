@@ -50,7 +50,8 @@ CW_KAPPA = 0.0
 ALIASES = {"BIM": "I_FGSM"}
 METHODS = ("FGSM", "I_FGSM", "PGD", "MI_FGSM", "DI_FGSM", "TI_FGSM", "CW", "Noise")
 LOSSES = ("ce", "cw")
-OPTION_NAMES = ("loss", "decay", "kappa", "di_prob", "resize_rate", "ti_kernel", "random_start", "keep_successful")
+OPTION_NAMES = ("loss", "decay", "kappa", "di_prob", "resize_rate", "ti_kernel", "random_start", "keep_successful",
+                "stop_when_all_hit")
 VALID_FORMS = ("<ATTACK>_Linf_<k> with ATTACK one of FGSM, I_FGSM (alias BIM), PGD, MI_FGSM, "
                "DI_FGSM, TI_FGSM, CW, or Noise_Linf_<k>; k > 0 is the L∞ budget in units of 1/256 "
                "(e.g. I_FGSM_Linf_1, PGD_Linf_0.5, Noise_Linf_2)")
@@ -100,7 +101,7 @@ def parse_attack(name: str) -> AttackSpec:
 # budget/defaults, and how it differs from torchattacks (the parity tests match these settings).
 _BASE = dict(steps=DEFAULT_STEPS, step_fraction=DEFAULT_STEP_FRACTION, loss="ce", kappa=CW_KAPPA,
              random_start=False, decay=None, di_prob=0.0, resize_rate=DI_RESIZE_RATE, ti_kernel=0,
-             keep_successful=False)
+             keep_successful=False, stop_when_all_hit=False)
 
 
 def _fgsm() -> dict:
@@ -176,6 +177,7 @@ class _Config:
     resize_rate: float
     ti_kernel: int  # 0: off
     keep_successful: bool  # an image whose last iterate misses keeps its latest hit
+    stop_when_all_hit: bool  # with keep_successful: a batch stops once every image has hit its target
 
 
 def _resolve(spec: AttackSpec, steps: int | None, step_size: float | None, options: dict) -> _Config:
@@ -195,6 +197,8 @@ def _resolve(spec: AttackSpec, steps: int | None, step_size: float | None, optio
         raise ValueError(f"ti_kernel must be 0 (off) or an odd size, got {config.ti_kernel}")
     if config.loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {config.loss!r}")
+    if config.stop_when_all_hit and not config.keep_successful:
+        raise ValueError("stop_when_all_hit needs keep_successful (without it a later step can still miss)")
     if config.kappa < 0 or (config.decay is not None and config.decay < 0):
         raise ValueError(f"kappa and decay must be >= 0, got {config.kappa}, {config.decay}")
     return config
@@ -274,6 +278,10 @@ def _attack_batch(model, x0: torch.Tensor, targets: torch.Tensor, eps: float, cf
         if cfg.keep_successful:
             # The step's own logits are those of x (eval mode), unless input diversity changed x.
             _record_hits(model, x, logits.detach() if cfg.di_prob == 0 else None, targets, latest_hit, hit_once)
+            if cfg.stop_when_all_hit and bool(hit_once.all()):
+                # Success is final once every image has hit (keep_successful), so a caller that
+                # needs only the success rate (the λ search) can skip the remaining steps.
+                break
         if kernel is not None:
             grad = F.conv2d(grad, kernel, padding=kernel.shape[-1] // 2, groups=grad.shape[1])
         if cfg.decay is not None:
@@ -323,7 +331,9 @@ def run_attack(model, images: torch.Tensor, targets, spec: AttackSpec, *, extra:
     ``kappa`` (the CW margin's κ, 0; used whenever ``loss="cw"``), ``di_prob`` (0.5 for DI_FGSM,
     0 otherwise), ``resize_rate`` (0.9), ``ti_kernel`` (7 for TI_FGSM, 0 = off), ``random_start`` (True for PGD), ``keep_successful``
     (False: the last iterate is returned, as in the reference attacks; True: an image whose last
-    iterate misses its target gets the latest iterate that hit it, if any). The model must be
+    iterate misses its target gets the latest iterate that hit it, if any), ``stop_when_all_hit``
+    (False; with keep_successful, a batch stops at the step where its last image first hits: the
+    success vector is the full run's, the images are not). The model must be
     on ``device`` (default: the model's device); it runs in eval mode with its parameters'
     ``requires_grad`` off, and both are restored afterwards. success[i]: the model predicts
     targets[i] for adv[i].

@@ -74,7 +74,7 @@ class Config(cli.RunConfig):
                                "candidates for --lamda auto, tried from the largest", check=grid_value)
     min_success: float = cli.flag(hfc.DEFAULT_MIN_SUCCESS, "success on A_fit that --lamda auto requires",
                                   check=cli.in_range(0, 1))
-    tune_images: int = cli.flag(32, "A_fit images attacked per λ candidate with --lamda auto", check=cli.at_least(1))
+    tune_images: int = cli.flag(16, "A_fit images attacked per λ candidate with --lamda auto", check=cli.at_least(1))
     step_size: float | None = cli.flag(None, "step α in units of 1/256 (default: the paper's per data set and arch, "
                                              "APTOS/ResNet-50 0.025, CXR/ResNet-50 0.01, ...; elsewhere ε/10)",
                                        check=cli.positive)

@@ -264,34 +264,61 @@ def choose_lambda(model, term: HFCTerm, images: torch.Tensor, targets: np.ndarra
                   **attack_kwargs) -> tuple[float, list[dict], str]:
     """λ chosen on the given images (a subset of A_fit: never the evaluation images).
 
-    The bar is the smaller of ``min_success`` and the base attack's own success on these images at
-    the same schedule (λ = 0): a constraint cannot make the attack succeed more often than the
-    attack without it, so the bar never asks for what the base attack cannot do. ``grid`` is
-    tried from the largest value down and the search stops at the first λ that reaches the bar;
-    with ``refine`` the geometric midpoint between it and the failed value above is tried too.
-    When no value reaches the bar, the one with the best success is taken (ties: the larger).
-    Returns λ, the trials and the rule in words (recorded in the results)."""
+    The rule: the largest λ of ``grid`` whose success reaches the bar, the smaller of
+    ``min_success`` and the base attack's own success on these images at the same schedule
+    (λ = 0): a constraint cannot make the attack succeed more often than the attack without it,
+    so the bar never asks for what the base attack cannot do. With ``refine`` the geometric
+    midpoint between the chosen value and the failed value above it is tried too. When no value
+    reaches the bar, the one with the best success is taken (ties: the larger).
+
+    Cost: the largest λ is tried first (one trial when it passes); otherwise the grid is bisected,
+    which assumes success does not fall as λ falls. The λ = 0 trial runs only when a success
+    below ``min_success`` has to be compared with it. Each trial stops once every image has hit
+    its target (its success is then final). Returns λ, the trials and the rule in words."""
     trials: list[dict] = []
+    rates: dict[float, float] = {}
 
     def success_of(lam: float) -> float:
-        # A trial on real images takes minutes: its progress bar shows (and clears after).
-        _, success = hfc_attack(model, term, images, targets, spec, lam=lam, progress=True, **attack_kwargs)
-        rate = float(success.float().mean())
-        trials.append({"lamda": lam, "fit_success": rate, "images": len(images)})
-        print(f"  λ = {lam:.3g}: success {rate:.3f} on {len(images)} A_fit images")
-        return rate
+        if lam not in rates:
+            # A trial on real images takes minutes: its progress bar shows (and clears after).
+            _, success = hfc_attack(model, term, images, targets, spec, lam=lam, progress=True,
+                                    stop_when_all_hit=True, **attack_kwargs)
+            rates[lam] = float(success.float().mean())
+            trials.append({"lamda": lam, "fit_success": rates[lam], "images": len(images)})
+            print(f"  λ = {lam:.3g}: success {rates[lam]:.3f} on {len(images)} A_fit images")
+        return rates[lam]
 
-    base_rate = success_of(0.0)
-    bar = min(min_success, base_rate)
-    rule = f"largest λ of the grid with A_fit success ≥ min({min_success:g}, base {base_rate:.3f}) = {bar:.3f}"
-    ordered = sorted(set(grid), reverse=True)
-    for i, lam in enumerate(ordered):
-        if success_of(lam) >= bar:
-            if refine and i > 0:
-                middle = float(np.sqrt(lam * ordered[i - 1]))
-                if success_of(middle) >= bar:
-                    return middle, trials, rule
-            return lam, trials, rule
-    best = max(trials[1:], key=lambda t: (t["fit_success"], t["lamda"]))
-    print(f"  no λ reached {bar:.3f}; taking λ = {best['lamda']:.3g} (the best success)")
-    return best["lamda"], trials, f"no λ reached {bar:.3f}: the λ with the best A_fit success"
+    def passes(lam: float) -> bool:
+        rate = success_of(lam)
+        return rate >= min_success or rate >= success_of(0.0)
+
+    def rule() -> str:
+        if 0.0 in rates:
+            bar = min(min_success, rates[0.0])
+            return f"largest λ of the grid with A_fit success ≥ min({min_success:g}, base {rates[0.0]:.3f}) = {bar:.3f}"
+        return f"largest λ of the grid with A_fit success ≥ {min_success:g}"
+
+    ordered = [lam for lam in sorted(set(grid), reverse=True) if lam > 0]
+    chosen = None
+    if passes(ordered[0]):
+        chosen = 0
+    else:
+        # Bisect for the first passing index in ordered[1:] (ordered[0] failed).
+        low, high = 1, len(ordered) - 1
+        while low <= high:
+            middle = (low + high) // 2
+            if passes(ordered[middle]):
+                chosen, high = middle, middle - 1
+            else:
+                low = middle + 1
+    if chosen is None:
+        best = max((t for t in trials if t["lamda"] > 0), key=lambda t: (t["fit_success"], t["lamda"]))
+        bar = min(min_success, success_of(0.0))
+        print(f"  no λ reached {bar:.3f}; taking λ = {best['lamda']:.3g} (the best success)")
+        return best["lamda"], trials, f"no λ reached {bar:.3f}: the λ with the best A_fit success"
+    lam = ordered[chosen]
+    if refine and chosen > 0:
+        middle = float(np.sqrt(lam * ordered[chosen - 1]))
+        if passes(middle):
+            lam = middle
+    return lam, trials, rule()

@@ -251,6 +251,16 @@ def test_keep_successful_returns_the_latest_hit_when_the_last_iterate_misses(col
     assert int(kept_success.sum()) > int(last_success.sum())  # some last iterates missed after a hit
     assert torch.equal(kept[last_success], last[last_success])  # a successful last iterate is kept as is
     assert float((kept - images).abs().max()) <= spec.eps + 1e-6 and 0.0 <= float(kept.min()) <= float(kept.max()) <= 1.0
+    # stopping a batch once all its images have hit gives the full run's success vector, sooner
+    steps_before = model.calls["forward_features"]
+    _, full = run_attack(model, images, targets, spec, keep_successful=True, batch_size=4, **kwargs)
+    full_steps = model.calls["forward_features"] - steps_before
+    steps_before = model.calls["forward_features"]
+    _, early = run_attack(model, images, targets, spec, keep_successful=True, stop_when_all_hit=True,
+                          batch_size=4, **kwargs)
+    assert torch.equal(early, full) and model.calls["forward_features"] - steps_before < full_steps
+    with pytest.raises(ValueError):
+        run_attack(model, images, targets, spec, stop_when_all_hit=True, **kwargs)
 
 
 def test_cw_margin_loss():

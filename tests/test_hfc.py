@@ -75,9 +75,10 @@ def test_choose_lambda_takes_the_largest_that_succeeds(monkeypatch):
     lam, trials, rule = hfc.choose_lambda(None, None, torch.zeros(4, 3, 2, 2), np.zeros(4), None,
                                           grid=[1, 0.1, 0.01, 0.001, 1e-4], min_success=0.95)
     assert lam == 0.001 and "0.950" in rule
-    # the base attack (λ = 0, same schedule) is measured first
-    assert [t["lamda"] for t in trials] == [0, 1, 0.1, 0.01, 0.001, pytest.approx(np.sqrt(1e-5))]
-    assert [t["fit_success"] for t in trials] == [1, 0, 0, 0, 1, 0]
+    # the largest λ first; the base attack (λ = 0) only once a λ falls short of 95%; then bisection
+    # of the rest of the grid (0.01 fails, 0.001 passes) and the midpoint above the chosen value
+    assert [t["lamda"] for t in trials] == [1, 0, 0.01, 0.001, pytest.approx(np.sqrt(1e-5))]
+    assert [t["fit_success"] for t in trials] == [0, 1, 0, 1, 0]
     # when the midpoint succeeds it is taken
     monkeypatch.setattr(hfc, "hfc_attack", lambda *a, lam, **k: (a[2], torch.full((4,), lam <= 0.005)))
     lam, _, _ = hfc.choose_lambda(None, None, torch.zeros(4, 3, 2, 2), np.zeros(4), None,
@@ -98,11 +99,24 @@ def test_choose_lambda_bar_is_the_base_attacks_own_success(monkeypatch):
     monkeypatch.setattr(hfc, "hfc_attack", attack_hitting(lambda lam: 0.8 if lam <= 0.01 else 0.3))
     lam, trials, rule = hfc.choose_lambda(None, None, images, np.zeros(10), None, grid=[1, 0.1, 0.01, 0.001],
                                           min_success=0.95)
-    assert lam == 0.01 and trials[0]["lamda"] == 0.0 and trials[0]["fit_success"] == pytest.approx(0.8)
+    assert lam == 0.01 and trials[1]["lamda"] == 0.0 and trials[1]["fit_success"] == pytest.approx(0.8)
     assert "0.800" in rule
     monkeypatch.setattr(hfc, "hfc_attack", attack_hitting(lambda lam: {0: 0.9, 1: 0.5}.get(lam, 0.7)))
     lam, _, rule = hfc.choose_lambda(None, None, images, np.zeros(10), None, grid=[1, 0.1, 0.01], min_success=0.95)
     assert lam == 0.1 and "best" in rule  # the best success, the larger λ of a tie
+
+
+def test_choose_lambda_stops_at_the_first_lambda_that_passes(monkeypatch):
+    # λ = 1 reaches 95%: one trial, no λ = 0 run, and every trial asks the engine to stop early
+    calls = []
+
+    def fake_attack(model, term, images, targets, spec, *, lam, **kwargs):
+        calls.append((lam, kwargs.get("stop_when_all_hit")))
+        return images, torch.ones(len(images), dtype=torch.bool)
+    monkeypatch.setattr(hfc, "hfc_attack", fake_attack)
+    lam, trials, rule = hfc.choose_lambda(None, None, torch.zeros(4, 3, 2, 2), np.zeros(4), None,
+                                          grid=[1, 0.1], min_success=0.95)
+    assert lam == 1 and calls == [(1, True)] and "0.95" in rule
 
 
 def test_results_keys_of_other_settings_do_not_collide():
