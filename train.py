@@ -28,6 +28,7 @@ import utils
 from network import build_model
 
 MIN_IMAGE_SIZE = 32  # ResNet and VGG reduce the input 32-fold
+LR_SCHEDULES = ("plateau", "cosine")
 
 
 @dataclass
@@ -46,6 +47,10 @@ class Config(cli.RunConfig):
                                             "epoch pay off)", short="-b", check=cli.at_least(2))
     lr: float = cli.flag(3e-4, "Adam learning rate", check=cli.positive)
     weight_decay: float = cli.flag(1e-4, "Adam weight decay", check=cli.non_negative)
+    lr_schedule: str | None = cli.flag(None, "plateau (halve the rate after 2 epochs without a lower validation "
+                                             "loss) or cosine (decay to 0 over the epochs) (default per data set: "
+                                       + ", ".join(f"{n} {d.lr_schedule}" for n, d in datasets.REGISTRY.items()) + ")",
+                                       choices=LR_SCHEDULES)
     epochs: int | None = cli.flag(None, "epochs (default per data set: "
                                   + ", ".join(f"{n} {d.epochs}" for n, d in datasets.REGISTRY.items()) + ")", check=cli.at_least(1))
     pretrained: str | None = cli.flag(None, "start from ImageNet weights (a local torchvision state dict, or "
@@ -96,14 +101,23 @@ def run(config: Config) -> dict:
     # channels_last: oneDNN's convolutions run markedly faster in this layout on a CPU.
     model = build_model(config.arch, split["num_classes"], config.pretrained).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=2)
+    lr_schedule = config.lr_schedule or datasets.get(dataset).lr_schedule
+    if lr_schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    else:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=2)
     meta = {"dataset": dataset, "image_size": split["image_size"], "class_names": split["class_names"],
             "data_root": split["data_root"], "seed": config.seed, "split": split}
     history, first_epoch, best = [], 1, None
     if resume_state is not None:
+        if resume_state.get("lr_schedule", "plateau") != lr_schedule:
+            raise utils.UserError(f"--resume: {run_.dir} was trained with --lr-schedule "
+                                  f"{resume_state.get('lr_schedule', 'plateau')}, not {lr_schedule}")
         model.load_state_dict(resume_state["state_dict"])
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
+        if lr_schedule == "cosine":
+            scheduler.T_max = epochs  # the decay ends at the (possibly new) last epoch
         history = list(resume_state["history"])
         first_epoch = int(resume_state["epoch"]) + 1
         best = {"epoch": int(resume_state["epoch"]), "val_acc": float(resume_state["val_acc"]),
@@ -118,7 +132,10 @@ def run(config: Config) -> dict:
         train_loss = _train_epoch(model, optimizer, *data["train"], batch_size, flip_dims, generator, device,
                                   desc=f"epoch {epoch}/{epochs}")
         val_loss, val_acc, _ = _evaluate(model, *data["val"], batch_size, device)
-        scheduler.step(val_loss)
+        if lr_schedule == "plateau":
+            scheduler.step(val_loss)
+        else:
+            scheduler.step()
         improved = best is None or (val_acc, -val_loss) > (best["val_acc"], -best["val_loss"])
         record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_acc": val_acc,
                   "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - tic, 2)}
@@ -133,7 +150,8 @@ def run(config: Config) -> dict:
                 datasets.write_split(run_.dir, split)
                 replaced = True
             saver.save_checkpoint(run_.checkpoint, model, meta, extra={
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "lr_schedule": lr_schedule,
+                "epoch": epoch,
                 "val_acc": val_acc, "val_loss": val_loss, "history": history})
         tqdm.write(f"epoch {epoch:3d}/{epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
                    f"val acc {val_acc:.4f}  {record['seconds']:.1f} s" + ("  *" if improved else ""))
@@ -143,7 +161,7 @@ def run(config: Config) -> dict:
     model.load_state_dict(best["state"])
     test_loss, test_acc, probs = _evaluate(model, *data["test"], batch_size, device)
     test_labels = data["test"][1].numpy()
-    resolved = {**config.settings(), "epochs": epochs, "batch_size": batch_size,
+    resolved = {**config.settings(), "epochs": epochs, "batch_size": batch_size, "lr_schedule": lr_schedule,
                 "max_train_per_class": cap or None, "image_size": split["image_size"],
                 "data_root": split["data_root"]}
     summary = {

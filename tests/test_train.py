@@ -29,6 +29,10 @@ def test_tiny_run_writes_split_checkpoint_and_summary(tiny_run):
     assert summary["settings"]["arch"] == "resnet18" and summary["settings"]["lr"] == 3e-4
     assert 0 <= summary["test_acc"] <= 1 and 0 <= summary["test_auc"] <= 1
     assert len(summary["history"]) == 3 and summary["best_epoch"] in (1, 2, 3)
+    # The synthetic set's default schedule: a cosine decay that reaches 0 after the last epoch.
+    assert summary["settings"]["lr_schedule"] == "cosine"
+    rates = [h["lr"] for h in summary["history"]]
+    assert rates == sorted(rates, reverse=True) and rates[0] < 3e-4 and rates[-1] == pytest.approx(0.0, abs=1e-12)
     best = summary["history"][summary["best_epoch"] - 1]
     assert summary["val_acc"] == best["val_acc"] == max(h["val_acc"] for h in summary["history"])
     # The three parts are disjoint and test is untouched by training and selection.
@@ -63,6 +67,14 @@ def test_resume_continues_from_the_checkpoint(tiny_run, tmp_path, monkeypatch):
     assert summary["history"][:best] == before["history"][:best]
     assert summary["image_size"] == 32          # the saved split, not the flag default
     assert datasets.read_split(tmp_path / "runs_synthetic" / "resnet18") == datasets.read_split(tiny_run)
+
+
+def test_resume_with_another_lr_schedule_is_refused(tiny_run, tmp_path, monkeypatch):
+    shutil.copytree(tiny_run.parent, tmp_path / "runs_synthetic")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="lr-schedule cosine, not plateau"):
+        train.main(["-a", "resnet18", "--dataset", "synthetic", "--epochs", "9", "--resume", "--lr-schedule",
+                    "plateau", "--device", "cpu", "--threads", "1"])
 
 
 def test_resume_without_checkpoint_names_train_py(tmp_path, monkeypatch):
