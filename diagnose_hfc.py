@@ -473,7 +473,8 @@ def run(config: Config) -> dict:
         blocking_layers = summary["blocking_layers"][p]
         print(f"  at {p}: term cos {_g(summary['term_cosine']['paper'][p])} (paper), "
               f"{_g(summary['term_cosine']['normalised'][p])} (normalised); {len(blocking_layers)} layers block at "
-              f"λ = {config.lamda:g}; none blocks for λ ≤ {_g(summary['lamda_no_block'][p])}")
+              f"λ = {config.lamda:g}; " + ("no layer has a negative cosine" if summary["lamda_no_block"][p] is None
+                                            else f"none blocks for λ ≤ {_g(summary['lamda_no_block'][p])}"))
     print(f"  -> {out}")
     return diagnosis
 

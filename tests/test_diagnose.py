@@ -162,6 +162,27 @@ def test_diagnosis_of_a_tiny_run(pipeline, monkeypatch, capsys):
     assert sums["clean_own"] < sums["base_target"] and sums["hfc_target"] < sums["base_target"]
 
 
+def _strict_json(path):
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_a_zero_classification_gradient_is_reported_not_divided_by(pipeline, monkeypatch):
+    """With the clamped margin (κ = 0) a base AE that hits its target has no classification
+    gradient: no cosine, an infinite ratio; the JSON stays standard (null) and counts them."""
+    monkeypatch.chdir(pipeline)
+    out = diagnose_hfc.main(COMMON + ["--attack", ATTACK, "-y", "2", "--limit", "4", "--class-loss", "margin"])
+    saved = _strict_json(pipeline / "runs_synthetic" / "resnet18" / ATTACK / "diagnosis_M2" / "diagnosis.json")
+    assert saved["points"] == ["clean", "base"] and saved["hfc_set"] is None and saved["loss"] == "cw"
+    assert saved["kappa"] == 0.0 and out["summary"]["sum_median_term"]["hfc_target"] is None
+    assert saved["summary"]["zero_class_gradient"]["base"] == round(4 * saved["success"]["base"]) == 4
+    assert saved["summary"]["zero_class_gradient"]["clean"] == 0  # a clean image is not yet the target
+    assert all(r["cosine"]["base"] is None and r["ratio"]["base"] is None for r in saved["layers"])
+    assert all(-1 <= r["cosine"]["clean"] <= 1 for r in saved["layers"])
+    assert saved["summary"]["term_cosine"]["paper"]["base"] is None
+
+
 def test_refusals_are_one_line_exit_2_and_write_nothing(pipeline, monkeypatch, capsys, tmp_path):
     monkeypatch.chdir(pipeline)
     attack_dir = pipeline / "runs_synthetic" / "resnet18" / ATTACK
