@@ -62,3 +62,21 @@ def auc_bars(path: Path, results: dict) -> None:
     ax.set_title(f"{results['dataset']} / {results['arch']}: detectors before and after HFC")
     ax.legend(fontsize=8)
     _save(fig, path)
+
+
+def auc_vs_success(path: Path, compare: dict) -> None:
+    """compare.py's picture: each row's mean detection AUC against its attack success."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, row in compare["rows"].items():
+        if row.get("mean_auc") is None:
+            continue
+        ax.scatter(row["success"], row["mean_auc"], s=36, marker="^" if name == "HFC" else "o")
+        ax.annotate(name, (row["success"], row["mean_auc"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.axhline(0.5, color="grey", lw=1, ls="--")
+    ax.set_xlim(-0.02, 1.05)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("attack success on A_eval")
+    ax.set_ylabel("mean detection AUC (7 detectors)")
+    ax.set_title(f"{compare['dataset']} / {compare['arch']} / {compare['attack']}: hidden and successful "
+                 "is bottom right", fontsize=9)
+    _save(fig, path)

@@ -118,6 +118,22 @@ def _hfc_label(results: dict[str, Any]) -> str:
     return "".join(parts) + f", λ {settings.get('lamda', results.get('lamda'))})"
 
 
+def format_compare_table(compare: dict[str, Any], fmt: str = "md") -> str:
+    """compare.py's table (``compare.json``): one line per row -- success, mean AUC, the AUC of
+    every detector, λ and the attack's seconds per image."""
+    lines = [["row", "success", "mean AUC", *DETECTOR_ORDER, "λ", "s/image"]]
+    number = lambda value, spec=".3f": "-" if value is None else format(value, spec)  # noqa: E731
+    for name, row in compare["rows"].items():
+        per = row.get("detectors") or {}
+        lines.append([name, number(row["success"]), number(row.get("mean_auc")),
+                      *[number((per.get(d) or {}).get("auc")) for d in DETECTOR_ORDER],
+                      number(row.get("lamda"), ".3g"), number(row.get("seconds_per_image"), ".3g")])
+    title = (f"{compare['dataset']} / {compare['arch']} / {compare['attack']}: adaptive attacks at HFC's schedule "
+             f"(eps = {compare['epsilon_256']:g}/256, alpha = {compare['step_size_256']:g}/256, "
+             f"T = {compare['steps']}, n_eval = {compare['n_eval']}; detection AUC on A_eval)")
+    return _render(title, lines, fmt)
+
+
 def main(argv=None) -> str:
     import argparse
 

@@ -15,6 +15,7 @@ outputs are stale because an input was re-made since, is answered from that reco
       <ATTACK>/adv.npz, summary.json                          gen_base_adv.py (Noise_*: extract_features.py)
       <ATTACK>/detectors/                                     extract_features.py
       <ATTACK>/hfc_<key>/adv.npz, results.json, results.md    gmm_attack.py
+      <ATTACK>/compare/compare.json, <row>/adv.npz, row.json  compare.py
       gmm_M<y>/mixtures.npz, summary.json                     get_GMM.py
       report/                                                 reproduce.py
 """
@@ -33,7 +34,7 @@ from utils import UserError, read_json
 # Which script makes which artifact (for hints and for the README's layout).
 STAGE_SCRIPTS = {"train": "train.py", "attack": "gen_base_adv.py", "noise": "extract_features.py",
                  "detectors": "extract_features.py", "mixtures": "get_GMM.py", "hfc": "gmm_attack.py",
-                 "report": "reproduce.py"}
+                 "report": "reproduce.py", "compare": "compare.py"}
 SUMMARY = "summary.json"
 SPLIT = "split.json"
 CHECKPOINT = "checkpoint.pt"
@@ -89,6 +90,9 @@ class Run:
 
     def hfc_dir(self, attack: str, key: str) -> Path:
         return self.dir / attack / f"hfc_{key}"
+
+    def compare_dir(self, attack: str) -> Path:
+        return self.dir / attack / "compare"
 
     @property
     def report_dir(self) -> Path:
