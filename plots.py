@@ -67,11 +67,13 @@ def auc_bars(path: Path, results: dict) -> None:
 def auc_vs_success(path: Path, compare: dict) -> None:
     """compare.py's picture: each row's mean detection AUC against its attack success."""
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for name, row in compare["rows"].items():
-        if row.get("mean_auc") is None:
+    markers = "osD^vP*Xph"
+    for number, (name, row) in enumerate(compare["rows"].items()):
+        if row.get("mean_auc") is None:  # no successful AE: nothing was scored
             continue
-        ax.scatter(row["success"], row["mean_auc"], s=36, marker="^" if name == "HFC" else "o")
-        ax.annotate(name, (row["success"], row["mean_auc"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.scatter(row["success"], row["mean_auc"], s=60 if name == "HFC" else 36, alpha=0.8,
+                   marker=markers[number % len(markers)], label=name)
+    ax.legend(fontsize=8, loc="upper left")
     ax.axhline(0.5, color="grey", lw=1, ls="--")
     ax.set_xlim(-0.02, 1.05)
     ax.set_ylim(0, 1.05)
