@@ -51,7 +51,11 @@ ALIASES = {"BIM": "I_FGSM"}
 METHODS = ("FGSM", "I_FGSM", "PGD", "MI_FGSM", "DI_FGSM", "TI_FGSM", "CW", "Noise")
 LOSSES = ("ce", "cw")
 OPTION_NAMES = ("loss", "decay", "kappa", "di_prob", "resize_rate", "ti_kernel", "random_start", "keep_successful",
-                "stop_when_all_hit")
+                "stop_when_all_hit", "orthogonal")
+# Orthogonal PGD (Bryniarski et al., ICLR 2022): which images take a detector step.
+# "success": those already classified as their target (the authors' algorithm and code);
+# "flagged": those whose detector score is above the detector's threshold.
+ORTHOGONAL_RULES = ("success", "flagged")
 VALID_FORMS = ("<ATTACK>_Linf_<k> with ATTACK one of FGSM, I_FGSM (alias BIM), PGD, MI_FGSM, "
                "DI_FGSM, TI_FGSM, CW, or Noise_Linf_<k>; k > 0 is the L∞ budget in units of 1/256 "
                "(e.g. I_FGSM_Linf_1, PGD_Linf_0.5, Noise_Linf_2)")
@@ -101,7 +105,7 @@ def parse_attack(name: str) -> AttackSpec:
 # budget/defaults, and how it differs from torchattacks (the parity tests match these settings).
 _BASE = dict(steps=DEFAULT_STEPS, step_fraction=DEFAULT_STEP_FRACTION, loss="ce", kappa=CW_KAPPA,
              random_start=False, decay=None, di_prob=0.0, resize_rate=DI_RESIZE_RATE, ti_kernel=0,
-             keep_successful=False, stop_when_all_hit=False)
+             keep_successful=False, stop_when_all_hit=False, orthogonal=None)
 
 
 def _fgsm() -> dict:
@@ -178,6 +182,7 @@ class _Config:
     ti_kernel: int  # 0: off
     keep_successful: bool  # an image whose last iterate misses keeps its latest hit
     stop_when_all_hit: bool  # with keep_successful: a batch stops once every image has hit its target
+    orthogonal: str | None  # None: off; else orthogonal PGD on ``extra`` (a detector score), one of ORTHOGONAL_RULES
 
 
 def _resolve(spec: AttackSpec, steps: int | None, step_size: float | None, options: dict) -> _Config:
@@ -201,6 +206,9 @@ def _resolve(spec: AttackSpec, steps: int | None, step_size: float | None, optio
         raise ValueError("stop_when_all_hit needs keep_successful (without it a later step can still miss)")
     if config.kappa < 0 or (config.decay is not None and config.decay < 0):
         raise ValueError(f"kappa and decay must be >= 0, got {config.kappa}, {config.decay}")
+    if config.orthogonal is not None and config.orthogonal not in ORTHOGONAL_RULES:
+        raise ValueError(f"orthogonal must be None (off) or one of {', '.join(ORTHOGONAL_RULES)}, "
+                         f"got {config.orthogonal!r}")
     return config
 
 
@@ -231,6 +239,33 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor, loss: str =
     target_logit = logits.gather(1, targets[:, None]).squeeze(1)
     others = logits.scatter(1, targets[:, None], float("-inf")).amax(dim=1)
     return (others - target_logit).clamp(min=-kappa).mean()
+
+
+def orthogonal_part(grad: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """Per sample (dim 0), ``grad`` less its projection onto ``direction``: g − (⟨g, d⟩/⟨d, d⟩)·d,
+    orthogonal to d (the dot products in float64); unchanged where d is zero."""
+    g, d = grad.flatten(1).double(), direction.flatten(1).double()
+    coefficient = (g * d).sum(1) / (d * d).sum(1).clamp_min(torch.finfo(torch.float64).tiny)
+    return (g - coefficient[:, None] * d).to(grad.dtype).view_as(grad)
+
+
+def orthogonal_gradient(class_grad: torch.Tensor, score_grad: torch.Tensor, detector_step: torch.Tensor
+                        ) -> torch.Tensor:
+    """Orthogonal PGD's gradient (Bryniarski et al., ICLR 2022), per sample: where
+    ``detector_step`` the detector score's gradient orthogonal to the classification loss's (a
+    step that lowers the score without, to first order, changing the classification loss);
+    elsewhere the classification loss's gradient orthogonal to the score's."""
+    where = detector_step.view(-1, *([1] * (class_grad.dim() - 1)))
+    return torch.where(where, orthogonal_part(score_grad, class_grad), orthogonal_part(class_grad, score_grad))
+
+
+def _forward_features(model, inputs: torch.Tensor, extra) -> tuple[torch.Tensor, list]:
+    """Logits and the features ``extra`` reads: the un-pooled maps of every tap when it says
+    ``uses_maps``, else the pooled features (only ``extra.layers`` when it has that attribute)."""
+    if getattr(extra, "uses_maps", False):
+        return model.forward_maps(inputs)
+    layers = getattr(extra, "layers", None)
+    return model.forward_features(inputs) if layers is None else model.forward_features(inputs, layers=layers)
 
 
 def _diversify(x: torch.Tensor, prob: float, resize_rate: float, gen: torch.Generator) -> torch.Tensor:
@@ -264,16 +299,27 @@ def _attack_batch(model, x0: torch.Tensor, targets: torch.Tensor, eps: float, cf
     for _ in range(cfg.steps):
         x.requires_grad_(True)
         inputs = _diversify(x, cfg.di_prob, cfg.resize_rate, gen) if cfg.di_prob > 0 else x
-        if extra is None:
-            logits = model(inputs)
-            loss = classification_loss(logits, targets, cfg.loss, cfg.kappa)
+        if cfg.orthogonal is not None:
+            # Orthogonal PGD: ``extra`` is a detector score; two gradients from one forward pass.
+            logits, features = _forward_features(model, inputs, extra)
+            scores = extra.scores(logits, features)
+            (class_grad,) = torch.autograd.grad(classification_loss(logits, targets, cfg.loss, cfg.kappa), x,
+                                                retain_graph=True)
+            (score_grad,) = torch.autograd.grad(scores.sum(), x)
+            with torch.no_grad():
+                detector_step = (logits.argmax(dim=1) == targets if cfg.orthogonal == "success"
+                                 else scores > extra.threshold)
+            grad = orthogonal_gradient(class_grad, score_grad, detector_step)
         else:
-            # An extra term that names its layers (HFCTerm.layers) gets only those pooled.
-            layers = getattr(extra, "layers", None)
-            logits, features = (model.forward_features(inputs) if layers is None
-                                else model.forward_features(inputs, layers=layers))
-            loss = classification_loss(logits, targets, cfg.loss, cfg.kappa) + lam * extra(logits, features, targets)
-        (grad,) = torch.autograd.grad(loss, x)
+            if extra is None:
+                logits = model(inputs)
+                loss = classification_loss(logits, targets, cfg.loss, cfg.kappa)
+            else:
+                # An extra term that names its layers (HFCTerm.layers) gets only those pooled.
+                logits, features = _forward_features(model, inputs, extra)
+                loss = classification_loss(logits, targets, cfg.loss, cfg.kappa) + lam * extra(logits, features,
+                                                                                               targets)
+            (grad,) = torch.autograd.grad(loss, x)
         x = x.detach()
         if cfg.keep_successful:
             # The step's own logits are those of x (eval mode), unless input diversity changed x.
@@ -333,12 +379,36 @@ def run_attack(model, images: torch.Tensor, targets, spec: AttackSpec, *, extra:
     (False: the last iterate is returned, as in the reference attacks; True: an image whose last
     iterate misses its target gets the latest iterate that hit it, if any), ``stop_when_all_hit``
     (False; with keep_successful, a batch stops at the step where its last image first hits: the
-    success vector is the full run's, the images are not). The model must be
+    success vector is the full run's, the images are not), ``orthogonal`` (None: off; orthogonal
+    PGD, Bryniarski et al., ICLR 2022, against one detector, below). An ``extra`` with
+    ``uses_maps = True`` gets the un-pooled maps of every tap (``model.forward_maps``) instead of
+    the pooled features.
+
+    Orthogonal PGD (``orthogonal="success"`` or ``"flagged"``): ``extra`` is then a detector score,
+    with ``extra.scores(logits, features)`` -> (B,) per-image scores (higher = more adversarial,
+    differentiable) and, for "flagged", ``extra.threshold`` (a sample is flagged when its score
+    is strictly above it); ``lam`` is not used. At each step, per image, either the detector
+    score's gradient projected orthogonally to the classification loss's gradient (a *detector
+    step*: it lowers the score without, to first order, undoing the attack) or the
+    classification loss's gradient projected orthogonally to the score's gradient (a *classifier
+    step*: it moves towards the target without, to first order, raising the score)
+    (``orthogonal_gradient``). Who takes a detector step: with "success" (the authors'
+    algorithm and code) the images the current iterate already classifies as their target;
+    with "flagged" the images whose current score is above ``extra.threshold``. The step is the
+    engine's, on that gradient: x − α·sign(g), then the ε-ball and [0, 1]; ``keep_successful``
+    and the other options act as for every method (the TI kernel and momentum, if on, act on
+    the projected gradient). The model must be
     on ``device`` (default: the model's device); it runs in eval mode with its parameters'
     ``requires_grad`` off, and both are restored afterwards. success[i]: the model predicts
     targets[i] for adv[i].
     """
     cfg = _resolve(spec, steps, step_size, options)
+    if cfg.orthogonal is not None:
+        if not callable(getattr(extra, "scores", None)):
+            raise ValueError("orthogonal PGD needs extra = a detector score with a scores(logits, features) method")
+        threshold = getattr(extra, "threshold", None)
+        if cfg.orthogonal == "flagged" and (threshold is None or not math.isfinite(float(threshold))):
+            raise ValueError('orthogonal="flagged" needs the detector score\'s threshold (extra.threshold)')
     device = _model_device(model) if device is None else torch.device(device)
     images = torch.as_tensor(images)
     targets = torch.as_tensor(np.asarray(targets), dtype=torch.int64)
