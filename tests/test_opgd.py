@@ -7,14 +7,22 @@ synthetic run the OPGD rows of compare.py lower their detector's AUC.
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import attacks
+import detectors
+import features
+import metrics
+import network
+import opgd
 from attacks import AttackSpec, run_attack
+from features import FeatureSet
 from test_attacks import TinyNet, _batch
+from utils import UserError
 
 
 # --------------------------------------------------------------------------- the projection
@@ -107,3 +115,70 @@ def test_orthogonal_option_is_off_by_default_and_checked():
         run_attack(model, images, targets, spec, orthogonal="success", progress=False)
     with pytest.raises(ValueError, match="threshold"):
         run_attack(model, images, targets, spec, extra=ToyScore(), orthogonal="flagged", progress=False)
+
+
+# --------------------------------------------------------------------------- the scores
+CHANNELS = (3, 4)
+
+
+def _feature_set(n: int, seed: int, shift: float = 0.0) -> FeatureSet:
+    """Two layers of 4×4 maps (pooled = their mean), random logits (mixed predictions)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    maps = [torch.tensor(rng.normal(size=(n, c, 4, 4)) + 2.0 * labels[:, None, None, None] + shift,
+                         dtype=torch.float32) for c in CHANNELS]
+    logits = rng.normal(size=(n, 2)).astype(np.float32)
+    return FeatureSet(images=torch.zeros(n, 3, 2, 2), logits=logits, pooled=[m.mean(dim=(2, 3)).numpy() for m in maps],
+                      labels=labels, maps=dict(enumerate(maps)))
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    train, benign, adv = _feature_set(40, 0), _feature_set(16, 1), _feature_set(16, 2, shift=3.0)
+    return {"KD": detectors.KD(bandwidth=1.5, layers="all", score_layer=-1).fit(None, train),
+            "MAHA": detectors.MAHA(magnitude=0.0, layers="all").fit(None, train, benign, adv),
+            "DNN": detectors.DNN(layers="all", width=4, epochs=1, batch_size=8).fit(None, train, benign, adv)}
+
+
+@pytest.mark.parametrize("name", opgd.DETECTORS)
+def test_scores_equal_the_detectors_own(fitted, name):
+    detector = fitted[name]
+    feats = _feature_set(12, 5, shift=1.0)
+    assert len(set(feats.predictions)) == 2  # KD: both predicted classes occur
+    dtype = torch.float32 if name == "DNN" else torch.float64
+    score = opgd.build(detector, dtype=dtype)
+    inputs = list(feats.maps.values()) if score.uses_maps else [torch.from_numpy(p) for p in feats.pooled]
+    got = score.scores(torch.from_numpy(feats.logits), inputs).detach().numpy()
+    np.testing.assert_allclose(got, detector.score(None, feats), rtol=1e-5 if name == "DNN" else 1e-9, atol=1e-6)
+    # differentiable with respect to the features it reads
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    score(torch.from_numpy(feats.logits), leaves, None).backward()
+    assert any(t.grad is not None and float(t.grad.abs().sum()) > 0 for t in leaves)
+
+
+def test_only_maha_kd_dnn_have_a_score():
+    with pytest.raises(UserError, match="LID"):
+        opgd.build(detectors.LID())
+
+
+def test_threshold_lets_ninety_percent_of_benign_pass_on_a_real_network():
+    """On a (random) HierarchicalNet: score_images equals each detector's score on the extracted
+    features (DNN reads the network's maps), and calibrate is metrics' TNR@90 threshold."""
+    torch.manual_seed(0)
+    model = network.build_model("resnet18", 2).eval()
+    gen = torch.Generator().manual_seed(1)
+    images = torch.rand(30, 3, 16, 16, generator=gen)
+    train = features.extract(model, images, batch_size=16, progress=False, labels=np.arange(30) % 2)
+    clean, noisy = torch.rand(10, 3, 16, 16, generator=gen), torch.rand(10, 3, 16, 16, generator=gen)
+    benign = features.benign_set(model, clean, noisy, batch_size=16, progress=False)
+    adv = features.extract(model, (clean + 0.3).clamp(0, 1), batch_size=16, progress=False)
+    fitted = {"MAHA": detectors.MAHA(magnitude=0.0).fit(model, train, benign, adv),
+              "KD": detectors.KD().fit(model, train),
+              "DNN": detectors.DNN(width=4, epochs=1).fit(model, train, benign, adv)}
+    for name, detector in fitted.items():
+        score = opgd.build(detector)
+        values = opgd.score_images(model, score, torch.cat([clean, noisy]), batch_size=7)
+        np.testing.assert_allclose(values, detector.score(model, benign), rtol=1e-4, atol=1e-4, err_msg=name)
+        threshold = opgd.calibrate(score, model, clean, noisy, batch_size=7)
+        assert score.threshold == threshold == metrics.benign_pass_threshold(values, 0.9)
+        assert np.mean(values <= threshold) >= 0.9 and np.mean(values < threshold) < 0.9
