@@ -8,7 +8,12 @@ returning the latest successful iterate, and a different ``extra`` term (``adapt
 - ``HFC``: the matching gmm_attack.py results folder when its record has these settings, else HFC
   computed here by the same functions;
 - ``random_guide`` (Sabour et al.), ``KD_constrained`` (Carlini & Wagner), ``LID_constrained``,
-  ``MAHA_constrained``: terms built from the fitted detectors of the run.
+  ``MAHA_constrained``: terms built from the fitted detectors of the run;
+- ``OPGD_MAHA``, ``OPGD_KD``, ``OPGD_DNN``: orthogonal PGD (Bryniarski et al., ICLR 2022) against
+  that one fitted detector's differentiable score (``opgd.py``), no λ (recorded as null); its
+  TNR@90 threshold is set on A_fit's benign samples, and ``--opgd-rule`` says which images take a
+  detector step (``success``, the authors' algorithm: those already classified as the target;
+  ``flagged``: those the detector flags at that threshold).
 
 λ of each term row is ``--lamda`` or, with ``auto`` (the default), chosen on A_fit images only by
 ``hfc.choose_lambda`` (HFC's rule). Every row is scored against the seven fitted detectors by
@@ -42,6 +47,7 @@ import features
 import gmm
 import gmm_attack
 import hfc
+import opgd
 import plots
 import report
 import runs
@@ -49,8 +55,9 @@ import saver
 import utils
 
 ROWS = ("base", "base_same_schedule", "HFC", "random_guide", "KD_constrained", "LID_constrained",
-        "MAHA_constrained")
+        "MAHA_constrained", "OPGD_MAHA", "OPGD_KD", "OPGD_DNN")
 TERM_ROWS = ("random_guide", "KD_constrained", "LID_constrained", "MAHA_constrained")
+OPGD_ROWS = {"OPGD_MAHA": "MAHA", "OPGD_KD": "KD", "OPGD_DNN": "DNN"}  # row -> the detector it attacks
 COMPARE_FILE = "compare.json"
 ROW_FILE = "row.json"
 
@@ -85,6 +92,9 @@ class Config(cli.RunConfig):
                                                   "value divided by its median on held-out clean images of the "
                                                   "target class (the run's validation images; HFC: get_GMM.py's "
                                                   "scales), averaged over layers", choices=tuple(hfc.TERMS))
+    opgd_rule: str = cli.flag("success", "orthogonal PGD rows: the images that take a detector step -- success: "
+                                         "those classified as their target (Bryniarski et al.), flagged: those "
+                                         "above the detector's TNR@90 threshold", choices=attacks.ORTHOGONAL_RULES)
     limit: int | None = cli.flag(None, "attack only the first N images of A_eval", check=cli.at_least(2))
     batch_size: int = cli.flag(32, "attack batch size", short="-b", check=cli.at_least(1))
 
@@ -119,6 +129,9 @@ def row_settings(config: Config, row: str, step_256: float, steps: int) -> dict:
         return settings
     settings.update(step_size_256=step_256, steps=steps, batch_size=config.batch_size, keep_successful=True)
     if row == "base_same_schedule":
+        return settings
+    if row in OPGD_ROWS:
+        settings.update(detector=OPGD_ROWS[row], opgd_rule=config.opgd_rule, threshold_tpr=opgd.TNR_TPR)
         return settings
     settings.update(lamda=config.lamda, lamda_grid=config.lamda_grid, min_success=config.min_success,
                     tune_images=config.tune_images, term=config.term)
@@ -243,6 +256,28 @@ class _Stage:
         return None if layers is None else [self.model.layer_names[i] for i in layers]
 
     # -- the rows
+    def opgd_row(self, row: str) -> tuple[np.ndarray, np.ndarray, dict]:
+        """Orthogonal PGD on A_eval against one detector, its threshold set on A_fit's benign set."""
+        name, base, fit = OPGD_ROWS[row], self.sets["base"], self.sets["fit"]
+        score = opgd.build(self.fitted[name])
+        where = dict(device=self.device, batch_size=self.config.batch_size)
+        started = time.perf_counter()
+        threshold = opgd.calibrate(score, self.model, base["clean"][fit], self.sets["noisy"][fit], **where)
+        calibrate_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        adv, success = opgd.attack(self.model, score, torch.from_numpy(self.clean), self.targets, self.spec,
+                                   rule=self.config.opgd_rule, **self.attack_kwargs)
+        seconds = time.perf_counter() - started
+        adv, success = adv.numpy(), success.numpy()
+        undetected = success & (opgd.score_images(self.model, score, adv, **where) <= threshold)
+        info = {"lamda": None, "lamda_rule": "none: orthogonal PGD has no λ", "tune_seconds": calibrate_seconds,
+                "attack_seconds": seconds, "seconds_per_image": seconds / len(self.eval_pos),
+                "step_size_256": self.step_256, "steps": self.steps, "detector": name,
+                "opgd_rule": self.config.opgd_rule, "threshold": float(threshold),
+                "undetected_success": float(undetected.mean()),
+                "layers": [self.model.layer_names[i] for i in score.layers], "source": "computed"}
+        return adv, success, info
+
     def attack_row(self, row: str) -> tuple[np.ndarray, np.ndarray, dict]:
         """Attack A_eval for a term row (λ chosen on A_fit when asked); returns adv, success, info."""
         config, base = self.config, self.sets["base"]
@@ -304,7 +339,7 @@ class _Stage:
                         "source": str(folder)}
                 reports = {name: per_row["hfc"] for name, per_row in results["detectors"].items()}
                 return hfc_set["adv"], hfc_set["success"], info, reports
-        adv, success, info = self.attack_row(row)
+        adv, success, info = self.opgd_row(row) if row in OPGD_ROWS else self.attack_row(row)
         return adv, success, info, None
 
     def score(self, row: str, adv: np.ndarray, success: np.ndarray) -> dict | None:
@@ -358,7 +393,7 @@ def run(config: Config) -> dict:
         rows[row] = stage.compute(row, settings)
         print(f"   success {rows[row]['success']:.3f}, mean AUC "
               + ("-" if rows[row]["mean_auc"] is None else f"{rows[row]['mean_auc']:.3f}")
-              + f", λ = {rows[row]['lamda']:.3g}")
+              + ("" if rows[row]["lamda"] is None else f", λ = {rows[row]['lamda']:.3g}"))
     compare = {"dataset": stage.run.dataset, "arch": config.arch, "attack": stage.spec.name,
                "epsilon_256": stage.spec.eps_256, "step_size_256": stage.step_256, "steps": stage.steps,
                "n_eval": len(stage.eval_pos), "term": config.term, "lamda": config.lamda, "rows": rows}

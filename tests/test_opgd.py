@@ -7,6 +7,8 @@ synthetic run the OPGD rows of compare.py lower their detector's AUC.
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attacks
+import compare
 import detectors
 import features
 import metrics
@@ -22,6 +25,7 @@ import opgd
 from attacks import AttackSpec, run_attack
 from features import FeatureSet
 from test_attacks import TinyNet, _batch
+from test_hfc import ATTACK, pipeline  # noqa: F401 - the tiny run with its base attack and detectors
 from utils import UserError
 
 
@@ -182,3 +186,49 @@ def test_threshold_lets_ninety_percent_of_benign_pass_on_a_real_network():
         threshold = opgd.calibrate(score, model, clean, noisy, batch_size=7)
         assert score.threshold == threshold == metrics.benign_pass_threshold(values, 0.9)
         assert np.mean(values <= threshold) >= 0.9 and np.mean(values < threshold) < 0.9
+
+
+# --------------------------------------------------------------------------- the stage
+COMMON = ["-a", "resnet18", "--dataset", "synthetic", "--device", "cpu", "--attack", ATTACK]
+OPGD_ROWS = list(compare.OPGD_ROWS)
+
+
+def test_opgd_rows_on_the_tiny_run(pipeline, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(pipeline)
+    result = compare.main(COMMON + ["--rows", ",".join(["base_same_schedule", *OPGD_ROWS])])
+    rows = result["rows"]
+    assert list(rows) == ["base_same_schedule", *OPGD_ROWS]
+    folder = pipeline / "runs_synthetic" / "resnet18" / ATTACK / "compare"
+    same = rows["base_same_schedule"]
+    for row in OPGD_ROWS:
+        info = rows[row]
+        assert info["lamda"] is None and info["detector"] == compare.OPGD_ROWS[row] and info["opgd_rule"] == "success"
+        assert (info["step_size_256"], info["steps"]) == (same["step_size_256"], same["steps"])
+        assert info["seconds_per_image"] > 0 and np.isfinite(info["threshold"])
+        assert 0.0 <= info["undetected_success"] <= info["success"]
+        saved = json.loads((folder / row / compare.ROW_FILE).read_text())
+        assert saved["result"] == json.loads(json.dumps(info)) and saved["record"]["settings"]["opgd_rule"] == "success"
+    print("\n" + (folder / "compare.md").read_text())
+    for row in OPGD_ROWS:
+        name = compare.OPGD_ROWS[row]
+        print(f"{row}: success {rows[row]['success']:.3f}, {name} AUC {rows[row]['detectors'][name]['auc']:.3f} "
+              f"(base_same_schedule: success {same['success']:.3f}, AUC {same['detectors'][name]['auc']:.3f}), "
+              f"undetected success {rows[row]['undetected_success']:.3f}")
+    # the attack that sees MAHA hides from it better than the same schedule without it
+    assert rows["OPGD_MAHA"]["detectors"]["MAHA"]["auc"] < same["detectors"]["MAHA"]["auc"] - 0.1
+    assert rows["OPGD_MAHA"]["success"] >= 0.5
+    # resumable: a second call recomputes nothing
+    monkeypatch.setattr(compare.opgd, "attack", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    again = compare.main(COMMON + ["--rows", ",".join(OPGD_ROWS)])
+    assert again["rows"] == {row: json.loads(json.dumps(rows[row])) for row in OPGD_ROWS}
+    monkeypatch.undo()
+    monkeypatch.chdir(pipeline)
+    # The other rule (detector steps while flagged at the A_fit TNR@90 threshold) replaces the rows
+    # (other settings); its aim is success below the threshold, which it reaches here as well.
+    flagged = compare.main(COMMON + ["--rows", ",".join(OPGD_ROWS), "--opgd-rule", "flagged"])["rows"]
+    for row in OPGD_ROWS:
+        name = compare.OPGD_ROWS[row]
+        print(f"flagged {row}: success {flagged[row]['success']:.3f}, {name} AUC "
+              f"{flagged[row]['detectors'][name]['auc']:.3f}, undetected success {flagged[row]['undetected_success']:.3f}")
+        assert flagged[row]["opgd_rule"] == "flagged" and flagged[row]["undetected_success"] >= 0.5
+    assert flagged["OPGD_MAHA"]["detectors"]["MAHA"]["auc"] < same["detectors"]["MAHA"]["auc"] - 0.1
