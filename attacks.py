@@ -53,7 +53,8 @@ LOSSES = ("ce", "cw")
 OPTION_NAMES = ("loss", "decay", "kappa", "di_prob", "resize_rate", "ti_kernel", "random_start", "keep_successful",
                 "stop_when_all_hit", "orthogonal")
 # Orthogonal PGD (Bryniarski et al., ICLR 2022): which images take a detector step.
-# "success": those already classified as their target (the authors' algorithm and code);
+# "success": those already classified as their target (as Bryniarski et al.'s released attack,
+# github.com/v-wangg/OrthogonalPGD);
 # "flagged": those whose detector score is above the detector's threshold.
 ORTHOGONAL_RULES = ("success", "flagged")
 VALID_FORMS = ("<ATTACK>_Linf_<k> with ATTACK one of FGSM, I_FGSM (alias BIM), PGD, MI_FGSM, "
@@ -392,8 +393,8 @@ def run_attack(model, images: torch.Tensor, targets, spec: AttackSpec, *, extra:
     step*: it lowers the score without, to first order, undoing the attack) or the
     classification loss's gradient projected orthogonally to the score's gradient (a *classifier
     step*: it moves towards the target without, to first order, raising the score)
-    (``orthogonal_gradient``). Who takes a detector step: with "success" (the authors'
-    algorithm and code) the images the current iterate already classifies as their target;
+    (``orthogonal_gradient``). Who takes a detector step: with "success" (as the authors'
+    released attack) the images the current iterate already classifies as their target;
     with "flagged" the images whose current score is above ``extra.threshold``. The step is the
     engine's, on that gradient: x − α·sign(g), then the ε-ball and [0, 1]; ``keep_successful``
     and the other options act as for every method (the TI kernel and momentum, if on, act on

@@ -12,8 +12,8 @@ returning the latest successful iterate, and a different ``extra`` term (``adapt
 - ``OPGD_MAHA``, ``OPGD_KD``, ``OPGD_DNN``: orthogonal PGD (Bryniarski et al., ICLR 2022) against
   that one fitted detector's differentiable score (``opgd.py``), no λ (recorded as null); its
   TNR@90 threshold is set on A_fit's benign samples, and ``--opgd-rule`` says which images take a
-  detector step (``success``, the authors' algorithm: those already classified as the target;
-  ``flagged``: those the detector flags at that threshold).
+  detector step (``success``, as Bryniarski et al.'s released attack: those already classified as
+  the target; ``flagged``: those the detector flags at that threshold).
 
 λ of each term row is ``--lamda`` or, with ``auto`` (the default), chosen on A_fit images only by
 ``hfc.choose_lambda`` (HFC's rule). Every row is scored against the seven fitted detectors by
