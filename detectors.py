@@ -45,6 +45,7 @@ from sklearn.utils.validation import check_is_fitted
 from tqdm import tqdm
 
 import features as feature_lib
+import gmm
 import metrics
 import network
 from features import FeatureSet
@@ -959,3 +960,165 @@ def evaluate(detectors: dict[str, Detector], model, benign: FeatureSet, adv: Fea
     """``evaluate_rows`` for a single adversarial set: {detector: report}."""
     rows = evaluate_rows(detectors, model, benign, {"adv": adv}, per_layer, progress)
     return {name: by_row["adv"] for name, by_row in rows.items()}
+
+
+# --------------------------------------------------------------------------- TYP (the arms race)
+class TYP(LayerDetector):
+    """Two-sided typicality (docs/PROTOCOL.md §10): the defender's answer to HFC, which hides AEs
+    by making their features *more* typical of the target class than clean images are.
+
+    Per kept layer l, ℓ_l(x) is the log-likelihood of the pooled feature under the Gaussian
+    mixture of the *predicted* class at l. The training set is split in two halves (seeded,
+    within each class): the mixtures are fitted on one (``gmm.fit_mixtures``: not the
+    attacker's mixtures, which use every training image), and the benign median m_{l,c} and
+    median absolute deviation s_{l,c} of ℓ_l are measured on the other, held-apart half, per
+    class c (each image under its own class's mixture), so that they describe unseen clean
+    images rather than the mixtures' own samples. With z_l = (ℓ_l − m_{l,c})/s_{l,c} for the
+    predicted class c, a logistic regression (``StandardisedLogistic``) over the features |z_l|
+    and z_l of every layer is fitted on A_fit's benign samples against the base AEs it is given
+    (never HFC AEs, when used as the protocol's typicality defender).
+
+    ``mirror`` (default on) makes the score two-sided: the fit also sees every AE reflected to
+    the other tail (z → −z at every layer, |z| unchanged). Base AEs lie in the lower tail only,
+    so without it the regression learns a one-sided score (it weighs the signed feature against
+    |z|, and a feature at a mixture's mode scores like a typical one or lower); the reflection is
+    the defender's prior that an over-typical deviation is as suspicious as an atypical one.
+
+    Per-layer scores (``layer_scores``, hence the per-layer AUCs): the signed atypicality
+    (m − ℓ)/s = −z, one-sided by construction (high for base AEs, low for HFC AEs). Parameters:
+    ``layers`` (None = the conv taps with at most ``max_channels`` channels, HFC's rule
+    ``gmm.select_layers``; or "all", "stages", indices), ``num_components``, ``kind``,
+    ``reg_covar`` (as get_GMM.py's), ``mirror``, ``seed`` (the split, the mixtures, the
+    regression's folds). Saved: the mixtures as a ``mixtures/`` folder (``Mixtures.save``), the
+    medians, deviations and regression in ``arrays.npz``.
+    """
+
+    name = "TYP"
+    MIXTURES_DIR = "mixtures"
+    MAD_FLOOR = 1e-6
+
+    def __init__(self, layers=None, max_channels: int = gmm.DEFAULT_MAX_CHANNELS,
+                 num_components: int = gmm.DEFAULT_NUM_COMPONENTS, kind: str = "bayesian",
+                 reg_covar: float = gmm.DEFAULT_REG_COVAR, mirror: bool = True, seed: int = 0):
+        self.layers = layers
+        self.max_channels = max_channels
+        self.num_components = num_components
+        self.kind = kind
+        self.reg_covar = reg_covar
+        self.mirror = mirror
+        self.seed = seed
+
+    def _check_params(self):
+        super()._check_params()
+        _check_layer_choice(self)
+        _check_integer(self, "max_channels", 1)
+        _check_integer(self, "num_components", 1)
+        if self.kind not in gmm.KINDS:
+            raise UserError(f"TYP detector: kind must be one of {', '.join(gmm.KINDS)}, got {self.kind!r}")
+        _check_real(self, "reg_covar")
+        if not isinstance(self.mirror, bool):
+            raise UserError(f"TYP detector: mirror must be True or False, got {self.mirror!r}")
+
+    def _resolve(self, model, train: FeatureSet) -> list[int]:
+        num_layers = len(train.pooled)
+        if self.layers is not None:
+            return resolve_layers(self.layers, model, num_layers)
+        channels = [int(p.shape[1]) for p in train.pooled]
+        conv = list(getattr(model, "conv_layers", range(num_layers)))
+        layers = gmm.select_layers(channels, conv, self.max_channels)
+        if not layers:
+            raise UserError(f"TYP detector: no conv layer has at most {self.max_channels} channels")
+        return layers
+
+    def halves(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Positions of the training samples (seeded, within each class): the half that fits the
+        mixtures and the held-apart half that gives the medians and deviations."""
+        labels = np.asarray(labels, np.int64)
+        rng = np.random.default_rng([self.seed, 1])
+        fit, held = [], []
+        for c in np.unique(labels):
+            members = rng.permutation(np.flatnonzero(labels == c))
+            cut = (len(members) + 1) // 2
+            fit.append(members[:cut])
+            held.append(members[cut:])
+        return np.sort(np.concatenate(fit)), np.sort(np.concatenate(held))
+
+    def log_likelihoods(self, feats: FeatureSet, classes: np.ndarray | None = None) -> np.ndarray:
+        """N×L: ℓ_l of every sample under the mixture of its class (default: the predicted one)."""
+        classes = feats.predictions if classes is None else np.asarray(classes, np.int64)
+        out = np.empty((len(feats), len(self.layers_)))
+        for j, layer in enumerate(self.layers_):
+            points = np.asarray(feats.pooled[layer], np.float64)
+            for c in np.unique(classes):
+                rows = classes == c
+                out[rows, j] = self.mixtures_.log_likelihood(layer, int(c), points[rows])
+        return out
+
+    def _inputs(self, atypical: np.ndarray) -> np.ndarray:
+        z = -atypical
+        return np.concatenate([np.abs(z), z], axis=1)
+
+    def _fit(self, model, train, benign, adv):
+        if train.labels is None:
+            raise ValueError("TYP needs the training labels")
+        self.layers_ = self._resolve(model, train)
+        num_classes = int(train.logits.shape[1])
+        labels = np.asarray(train.labels, np.int64)
+        fit_rows, held_rows = self.halves(labels)
+        for part, rows in (("mixture", fit_rows), ("held-apart", held_rows)):
+            counts = np.bincount(labels[rows], minlength=num_classes)
+            if counts.min() < 2:
+                raise UserError(f"TYP detector: the {part} half of the training set has {counts.tolist()} images "
+                                "per class; every class needs at least 2 (use more training images)")
+        self.mixtures_ = gmm.fit_mixtures(
+            [p[fit_rows] for p in train.pooled], labels[fit_rows], self.layers_, self.num_components,
+            kind=self.kind, seed=self.seed, n_jobs=1, classes=range(num_classes), reg_covar=self.reg_covar,
+            layer_names=self.layer_names_, layer_channels=[int(p.shape[1]) for p in train.pooled],
+            progress=False)
+        held = train.subset(held_rows)
+        values = self.log_likelihoods(held, held.labels)
+        self.median_ = np.empty((len(self.layers_), num_classes))
+        self.mad_ = np.empty_like(self.median_)
+        for c in range(num_classes):
+            rows = held.labels == c
+            self.median_[:, c] = np.median(values[rows], axis=0)
+            mad = np.median(np.abs(values[rows] - self.median_[:, c]), axis=0)
+            self.mad_[:, c] = np.maximum(mad, self.MAD_FLOOR)
+        benign_x, adv_x = self._inputs(self.layer_scores(model, benign)), self._inputs(self.layer_scores(model, adv))
+        inputs, targets = np.concatenate([benign_x, adv_x]), _labels01(len(benign), len(adv))
+        if self.mirror:
+            mirrored = adv_x.copy()
+            mirrored[:, len(self.layers_):] *= -1.0
+            inputs, targets = np.concatenate([inputs, mirrored]), np.concatenate([targets, np.ones(len(adv), np.int64)])
+        self.logistic_ = StandardisedLogistic().fit(inputs, targets, self.seed)
+
+    def layer_scores(self, model, feats):
+        """N×L signed atypicality (m − ℓ)/s under the predicted class."""
+        self._check(feats)
+        predicted = feats.predictions
+        values = self.log_likelihoods(feats, predicted)
+        return (self.median_.T[predicted] - values) / self.mad_.T[predicted]
+
+    def combine(self, layer_scores):
+        return self.logistic_.decision(self._inputs(layer_scores))
+
+    def _state(self):
+        return {"layers": self.layers_}, {"median": self.median_, "mad": self.mad_, **self.logistic_.arrays("lr__")}
+
+    def save(self, folder):
+        super().save(folder)
+        self.mixtures_.save(Path(folder) / self.MIXTURES_DIR)
+
+    def _restore(self, state, arrays, folder):
+        self.layers_ = list(state["layers"])
+        self.median_, self.mad_ = arrays["median"], arrays["mad"]
+        self.logistic_ = StandardisedLogistic.from_arrays(arrays, "lr__")
+        self.mixtures_ = gmm.load_mixtures(folder / self.MIXTURES_DIR, hint=f"fit the {self.name} detector again")
+        if self.mixtures_.layers != self.layers_:
+            raise ValueError(f"mixtures for layers {self.mixtures_.layers}, detector layers {self.layers_}")
+
+
+# Detectors beyond the protocol's seven (docs/PROTOCOL.md §10): not fitted by extract_features.py,
+# nor loaded by ``load_detectors``; the arms race (arms_race.py) fits and saves them itself.
+EXTRA_DETECTORS: dict[str, type[Detector]] = {"TYP": TYP}
+ALL_DETECTORS: dict[str, type[Detector]] = {**DETECTORS, **EXTRA_DETECTORS}

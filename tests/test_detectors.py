@@ -118,6 +118,8 @@ CONTRACT = {
             {"layer_", "gamma_", "mean_", "scale_", "support_", "dual_coef_", "intercept_"}),
     "DNN": ({"layers": "all", "width": 4, "epochs": 1, "lr": 0.01, "batch_size": 8, "seed": 3},
             {"layers_", "shapes_", "heads_"}),
+    "TYP": ({"layers": [0, 1], "max_channels": 64, "num_components": 2, "kind": "em", "reg_covar": 0.01,
+             "mirror": False, "seed": 3}, {"layers_", "mixtures_", "median_", "mad_", "logistic_"}),
 }
 
 
@@ -140,7 +142,7 @@ def test_detector_follows_the_estimator_contract(name, tmp_path, monkeypatch):
     validated at fit, learned state only in trailing-underscore attributes, a clear error when
     scoring unfitted, and save -> load -> identical scores."""
     monkeypatch.setattr(D, "LOGISTIC_CS", (0.1, 10.0))  # a shorter cross-validated C search: fast
-    cls, (params, fitted_attrs) = D.DETECTORS[name], CONTRACT[name]
+    cls, (params, fitted_attrs) = D.ALL_DETECTORS[name], CONTRACT[name]
     assert set(params) == set(cls().get_params())  # every constructor parameter is exercised
     detector = cls(**params)
     assert detector.get_params(deep=False) == params == detector.get_params()
