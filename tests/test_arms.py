@@ -2,16 +2,30 @@
 term, and the stage arms_race.py on the tiny synthetic run."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+import aesets
+import arms_race
 import detectors
+import evaluation
+import features
 import gmm
+import gmm_attack
 import hfc
 import test_detectors
 import typical_set
 from features import FeatureSet
+from test_hfc import ATTACK, pipeline  # noqa: F401 - the tiny run with its base attack, detectors and M = 2 mixtures
+from utils import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CHANNELS = (3, 4)
 
@@ -145,3 +159,93 @@ def test_typical_set_term_vanishes_on_the_typical_shell(mixtures):
     modes = [torch.tensor(np.stack([mixtures[(layer, int(t))].means[0] for t in targets])) for layer in (0, 1)]
     assert float(term(None, modes, targets)) > 0.0
     assert float(term(None, [p.detach() + 10.0 for p in points], targets)) > 0.0
+
+
+# --------------------------------------------------------------------------- the stage
+COMMON = ["-a", "resnet18", "--dataset", "synthetic", "--device", "cpu", "--attack", ATTACK, "-y", "2",
+          "--tune-images", "4", "--limit", "6"]
+ARMS = COMMON + ["--fit-limit", "8", "--typ-components", "2"]
+REQUIRED_ROUNDS = [("base", "fixed"), ("HFC", "fixed"), ("HFC", "typicality"), ("HFC", "refit"),
+                   ("typical_set_HFC", "typicality"), ("typical_set_HFC", "refit")]
+
+
+def test_arms_race_stage_on_the_tiny_run(pipeline, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(pipeline)
+    # gmm_attack.py's HFC AEs of A_eval with the same settings: the stage reuses them.
+    hfc_results = gmm_attack.main(COMMON + ["--lamda", "auto"])
+    result = arms_race.main(ARMS)
+    folder = pipeline / "runs_synthetic" / "resnet18" / ATTACK / "arms_race"
+    assert {"dataset", "arch", "attack", "epsilon_256", "step_size_256", "steps", "n_eval", "n_fit", "attackers",
+            "defenders", "typ", "rounds", "record"} <= set(result)
+    assert result["n_eval"] == 6 and result["n_fit"] == 8 and result["record"]["stage"] == "arms_race"
+    pairs = [(r["attacker"], r["defender"]) for r in result["rounds"]]
+    assert set(REQUIRED_ROUNDS) <= set(pairs) and pairs == list(arms_race.ROUNDS)
+    for r in result["rounds"]:
+        assert {"attacker", "defender", "success", "mean_auc", "detectors"} <= set(r)
+        assert list(r["detectors"]) == ["KD", "BU", "KD+BU", "LID", "MAHA", "SVM", "DNN", "TYP"]
+        assert 0.0 <= r["success"] <= 1.0
+        present = {name for name, m in r["detectors"].items() if m is not None}
+        expected = set(arms_race.SEVEN) if r["defender"] == "fixed" else set(arms_race.NAMES)
+        assert present == expected, r
+        for m in r["detectors"].values():
+            assert m is None or (0.0 <= m["auc"] <= 1.0 and 0.0 <= m["tnr90"] <= 1.0)
+        assert r["mean_auc"] == pytest.approx(np.mean([r["detectors"][n]["auc"] for n in present]))
+    by_pair = {(r["attacker"], r["defender"]): r for r in result["rounds"]}
+    # the HFC attacker on A_eval is gmm_attack.py's, and so are its scores under the fixed detectors
+    hfc_info = result["attackers"]["HFC"]
+    assert hfc_info["source"].endswith("hfc_M2_lamauto") and hfc_info["lamda"] == hfc_results["lamda"]
+    assert by_pair[("HFC", "fixed")]["success"] == hfc_results["success"]["hfc"]
+    for name in arms_race.SEVEN:
+        assert by_pair[("HFC", "fixed")]["detectors"][name]["auc"] == \
+            pytest.approx(hfc_results["detectors"][name]["hfc"]["auc"])
+        assert by_pair[("HFC", "typicality")]["detectors"][name] == by_pair[("HFC", "fixed")]["detectors"][name]
+    # the typical-set attacker: λ chosen on A_fit, its A_eval and A_fit AEs saved (checked sets)
+    ts = result["attackers"]["typical_set_HFC"]
+    assert ts["lamda"] in [t["lamda"] for t in ts["lamda_trials"]] and "typical_log_likelihood" in ts
+    base = aesets.load_ae_set(pipeline / "runs_synthetic" / "resnet18" / ATTACK)
+    fit_pos, eval_pos = evaluation.fit_eval_split(len(base["index"]))
+    for name, positions in (("typical_set_HFC_eval", eval_pos[:6]), ("typical_set_HFC_fit", fit_pos[:8]),
+                            ("HFC_fit", fit_pos[:8])):
+        ae = aesets.load_ae_set(folder / name)
+        assert np.array_equal(ae["index"], base["index"][positions]), name
+    assert not (folder / "HFC_eval").exists()  # reused from gmm_attack.py
+    assert (folder / "TYP" / "TYP" / "mixtures" / "mixtures.npz").is_file()
+    saved = json.loads((folder / "arms_race.json").read_text())
+    assert saved["rounds"] == json.loads(json.dumps(result["rounds"]))
+    assert (folder / "arms_race.png").stat().st_size > 0 and "typical_set_HFC" in (folder / "arms_race.md").read_text()
+    print("\n" + (folder / "arms_race.md").read_text())
+    print({a: {k: info.get(k) for k in ("lamda", "success_eval", "success_fit", "mixture_log_likelihood",
+                                        "typical_log_likelihood")} for a, info in result["attackers"].items()})
+
+    # A second call reuses every piece: no attack, no fit, no feature pass, no scoring.
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished piece was recomputed")
+    for owner, name in ((hfc, "hfc_attack"), (hfc, "choose_lambda"), (detectors.Detector, "fit"),
+                        (evaluation, "score_rows"), (features, "extract")):
+        monkeypatch.setattr(owner, name, refuse)
+    again = arms_race.main(ARMS)
+    assert again["rounds"] == saved["rounds"] and again["attackers"] == saved["attackers"]
+
+
+def test_arms_race_refuses_bad_input_in_one_line(pipeline, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(pipeline)
+    folder = pipeline / "runs_synthetic" / "resnet18" / ATTACK / "arms_race"
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else {}
+    # as a command: one line on stderr naming the stage to run first, exit code 2
+    done = subprocess.run([sys.executable, str(ROOT / "arms_race.py"), *ARMS, "-y", "5"], cwd=pipeline,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "get_GMM.py" in done.stderr and "-y 5" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    for extra, message in ((["--fit-limit", "1"], "--fit-limit"), (["--attack", "Noise_Linf_2"], "noise set"),
+                           (["--ts-term", "raw"], "--ts-term"), (["--kappa", "1"], "--kappa")):
+        with pytest.raises(UserError, match=message):
+            arms_race.main(ARMS + extra)
+    fitted_dir = pipeline / "runs_synthetic" / "resnet18" / ATTACK / "detectors"
+    fitted_dir.rename(tmp_path / "detectors")
+    try:
+        with pytest.raises(UserError, match="extract_features.py"):
+            arms_race.main(ARMS)
+    finally:
+        (tmp_path / "detectors").rename(fitted_dir)
+    after = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else {}
+    assert after == before
