@@ -637,11 +637,12 @@ def figure(path: Path, result: dict[str, Any]) -> None:
     for defender, colour in colours.items():
         ax.bar([np.nan], [np.nan], color=colour, label=f"mean AUC, {defender}")
     ax.axhline(0.5, color="grey", lw=1, ls="--")
-    ax.set_xticks(x, [f"{r['attacker']}\n{r['defender']}" for r in rounds], fontsize=7)
+    labels = [r["attacker"].replace("typical_set_", "typical-set\n") + "\n" + r["defender"] for r in rounds]
+    ax.set_xticks(x, labels, fontsize=7)
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("detection AUC on A_eval")
     ax.set_title(f"{result['dataset']} / {result['arch']} / {result['attack']}: the arms race", fontsize=9)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     plots._save(fig, path)
 
 
