@@ -196,22 +196,12 @@ class _Stage:
         datasets.read_split(self.run.dir)  # train and val parts: TYP's mixtures, the typical log-likelihood
         self.sets = evaluation.load_protocol_sets(self.run, self.spec.name, self.noise)
         self.detectors_dir = self.run.detectors_dir(self.spec.name)
-        hint = self.run.hint("detectors", f"--attack {self.spec.name}")
-        self.fixed = detectors.load_detectors(self.detectors_dir, names=list(SEVEN), hint=hint)
-        runs.require_fresh(self.detectors_dir / runs.SUMMARY,
-                           {"checkpoint": self.run.checkpoint,
-                            "attack_set": self.run.ae_dir(self.spec.name) / aesets.AE_FILE},
-                           "the detectors", self.run.hint("detectors", f"--attack {self.spec.name}", when="again"))
+        self.fixed = evaluation.load_fresh_detectors(self.run, self.spec.name, names=list(SEVEN))
         fixed_settings = (runs.read_record(self.detectors_dir / runs.SUMMARY) or {}).get("settings", {})
         self.train_limit = int(fixed_settings.get("train_limit", 1000) or 0)
         self.train_seed = int(fixed_settings.get("seed", config.seed))
-        mixtures_dir = self.run.mixtures_dir(config.num_component)
-        self.mixtures = gmm.load_mixtures(mixtures_dir, hint=self.run.hint("mixtures", f"-y {config.num_component}"))
-        runs.require_fresh(mixtures_dir / runs.SUMMARY, {"checkpoint": self.run.checkpoint}, "the mixtures",
-                           self.run.hint("mixtures", f"-y {config.num_component}", when="again"))
-        if config.term == "normalised" and self.mixtures.scales is None:
-            raise utils.UserError(f"the mixtures in {mixtures_dir} carry no held-out term scales; "
-                                  f"{self.run.hint('mixtures', f'-y {config.num_component}', when='again')}")
+        self.mixtures = evaluation.load_fresh_mixtures(self.run, config.num_component,
+                                                       need_scales=config.term == "normalised")
         self.step_256, self.steps = hfc.hfc_schedule(self.run.dataset, config.arch, self.spec.eps_256,
                                                      config.step_size, config.steps)
         self.eval_pos = self.sets["eval"][:config.limit] if config.limit else self.sets["eval"]
@@ -269,10 +259,7 @@ class _Stage:
         """The training images whose statistics the fixed detectors use: extract_features.py's seeded subset
         (``extract_features.training_features``: ``--train-limit`` images chosen with its ``--seed``)."""
         train = self.train_features()
-        if not self.train_limit or len(train) <= self.train_limit:
-            return train
-        chosen = np.sort(np.random.default_rng(self.train_seed).choice(len(train), self.train_limit, replace=False))
-        return train.subset(chosen)
+        return train.subset(features.seeded_subset(len(train), self.train_limit, self.train_seed))
 
     def val_features(self) -> tuple[list[np.ndarray], np.ndarray]:
         def make():

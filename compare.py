@@ -159,22 +159,11 @@ class _Stage:
         self.model, _ = saver.load_model(self.run.checkpoint, self.device, arch=config.arch,
                                          hint=self.run.hint("train"))
         self.sets = evaluation.load_protocol_sets(self.run, self.spec.name, self.noise)
-        detectors_dir = self.run.detectors_dir(self.spec.name)
-        hint = self.run.hint("detectors", f"--attack {self.spec.name}")
-        self.fitted = detectors.load_detectors(detectors_dir, names=list(detectors.DETECTORS), hint=hint)
-        runs.require_fresh(detectors_dir / runs.SUMMARY,
-                           {"checkpoint": self.run.checkpoint,
-                            "attack_set": self.run.ae_dir(self.spec.name) / aesets.AE_FILE},
-                           "the detectors", self.run.hint("detectors", f"--attack {self.spec.name}", when="again"))
+        self.fitted = evaluation.load_fresh_detectors(self.run, self.spec.name, names=list(detectors.DETECTORS))
         self.mixtures = None
         if "HFC" in self.rows:
-            folder = self.run.mixtures_dir(config.num_component)
-            self.mixtures = gmm.load_mixtures(folder, hint=self.run.hint("mixtures", f"-y {config.num_component}"))
-            runs.require_fresh(folder / runs.SUMMARY, {"checkpoint": self.run.checkpoint}, "the mixtures",
-                               self.run.hint("mixtures", f"-y {config.num_component}", when="again"))
-            if config.term == "normalised" and self.mixtures.scales is None:
-                raise utils.UserError(f"the mixtures in {folder} carry no held-out term scales; "
-                                      f"{self.run.hint('mixtures', f'-y {config.num_component}', when='again')}")
+            self.mixtures = evaluation.load_fresh_mixtures(self.run, config.num_component,
+                                                           need_scales=config.term == "normalised")
         self.step_256, self.steps = hfc.hfc_schedule(self.run.dataset, config.arch, self.spec.eps_256,
                                                      config.step_size, config.steps)
         eval_pos = self.sets["eval"]

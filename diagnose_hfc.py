@@ -407,19 +407,13 @@ def run(config: Config) -> dict:
     base = aesets.load_ae_set(attack_dir, hint=run_.hint("attack", f"--attack {spec.name}"))
     runs.require_fresh(attack_dir / aesets.SUMMARY_FILE, {"checkpoint": run_.checkpoint}, f"AE set {spec.name}",
                        run_.hint("attack", f"--attack {spec.name}", when="again"))
-    mixtures_dir = run_.mixtures_dir(config.num_component)
-    mixtures = gmm.load_mixtures(mixtures_dir, hint=run_.hint("mixtures", f"-y {config.num_component}"))
-    runs.require_fresh(mixtures_dir / runs.SUMMARY, {"checkpoint": run_.checkpoint}, "the mixtures",
-                       run_.hint("mixtures", f"-y {config.num_component}", when="again"))
-    if mixtures.scales is None:
-        raise utils.UserError(f"the mixtures in {mixtures_dir} carry no held-out term scales (made by an older "
-                              f"get_GMM.py); {run_.hint('mixtures', f'-y {config.num_component}', when='again')}")
+    mixtures = evaluation.load_fresh_mixtures(run_, config.num_component, need_scales=True)
     _, eval_pos = evaluation.fit_eval_split(len(base["index"]))
     eval_pos = eval_pos[:config.limit]
     if len(eval_pos) < 1:
         raise utils.UserError(f"A_eval of {attack_dir} is empty; attack more images with gen_base_adv.py")
     inputs = {"checkpoint": run_.checkpoint, "attack_set": attack_dir / aesets.AE_FILE,
-              "mixtures": mixtures_dir / runs.MIXTURES}
+              "mixtures": run_.mixtures_dir(config.num_component) / runs.MIXTURES}
     images = {"clean": base["clean"][eval_pos], "base": base["adv"][eval_pos]}
     success = {"base": float(base["success"][eval_pos].mean())}
     hfc_info, hfc_name = None, None

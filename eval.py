@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import aesets
 import attacks
 import cli
-import detectors
 import evaluation
 import report
 import runs
@@ -52,11 +51,7 @@ def run(config: Config) -> list[dict]:
     device = utils.prepare_runtime(config.device, config.seed, config.threads)
     model, _ = saver.load_model(run_.checkpoint, device, arch=config.arch, hint=run_.hint("train"))
     sets = evaluation.load_protocol_sets(run_, spec.name, noise)
-    detectors_hint = run_.hint("detectors", f"--attack {detector_attack}")
-    fitted = detectors.load_detectors(run_.detectors_dir(detector_attack), hint=detectors_hint)
-    runs.require_fresh(run_.detectors_dir(detector_attack) / runs.SUMMARY,
-                       {"checkpoint": run_.checkpoint, "attack_set": run_.ae_dir(detector_attack) / aesets.AE_FILE},
-                       "the detectors", run_.hint("detectors", f"--attack {detector_attack}", when="again"))
+    fitted = evaluation.load_fresh_detectors(run_, detector_attack)
     attack_dir = run_.ae_dir(spec.name)
     folders = ([attack_dir / name.strip() for name in config.hfc.split(",") if name.strip()]
                if config.hfc is not None else sorted(p for p in attack_dir.glob("hfc_*") if p.is_dir()))

@@ -153,3 +153,27 @@ def mixture_log_likelihood(model, mixtures: gmm.Mixtures, rows: dict[str, tuple[
             per_layer.append(ll.mean())
         out[row] = float(np.mean(per_layer))
     return out
+
+
+def load_fresh_detectors(run_: runs.Run, attack: str, names=None) -> dict:
+    """The detectors fitted on ``attack``'s AEs (all of them, or ``names``), refused with a one-line
+    hint when missing or made from an older model or AE set."""
+    folder = run_.detectors_dir(attack)
+    fitted = detectors.load_detectors(folder, names=names, hint=run_.hint("detectors", f"--attack {attack}"))
+    runs.require_fresh(folder / runs.SUMMARY,
+                       {"checkpoint": run_.checkpoint, "attack_set": run_.ae_dir(attack) / aesets.AE_FILE},
+                       "the detectors", run_.hint("detectors", f"--attack {attack}", when="again"))
+    return fitted
+
+
+def load_fresh_mixtures(run_: runs.Run, num_component: int, need_scales: bool = False) -> gmm.Mixtures:
+    """The run's mixtures with ``num_component`` components, refused with a one-line hint when missing,
+    made from an older model, or (``need_scales``) without the held-out scales of the normalised term."""
+    folder = run_.mixtures_dir(num_component)
+    mixtures = gmm.load_mixtures(folder, hint=run_.hint("mixtures", f"-y {num_component}"))
+    again = run_.hint("mixtures", f"-y {num_component}", when="again")
+    runs.require_fresh(folder / runs.SUMMARY, {"checkpoint": run_.checkpoint}, "the mixtures", again)
+    if need_scales and mixtures.scales is None:
+        raise UserError(f"the mixtures in {folder} carry no held-out term scales (made by an older get_GMM.py); "
+                        f"{again}")
+    return mixtures

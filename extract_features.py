@@ -65,9 +65,7 @@ def main(argv=None) -> dict:
 
 def training_features(model, run_: runs.Run, config: Config, device) -> FeatureSet:
     images, labels = datasets.load_part(run_.dir, "train")
-    chosen = np.arange(len(images))
-    if config.train_limit and len(images) > config.train_limit:
-        chosen = np.sort(np.random.default_rng(config.seed).choice(len(images), config.train_limit, replace=False))
+    chosen = features.seeded_subset(len(images), config.train_limit, config.seed)
     return features.extract(model, images[torch.from_numpy(chosen)], device, config.batch_size,
                             labels=labels.numpy()[chosen], desc="train features")
 

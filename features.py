@@ -17,6 +17,14 @@ from tqdm import tqdm
 import network
 from utils import batches
 
+
+def seeded_subset(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """Sorted positions of ``limit`` of ``n`` items drawn with ``seed`` (all n when limit is 0/None or ≥ n):
+    the training images whose statistics the detectors keep (extract_features.py ``--train-limit``)."""
+    if not limit or n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
+
 DEFAULT_BATCH_SIZE = 32
 
 

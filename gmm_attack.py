@@ -28,7 +28,6 @@ import torch
 import aesets
 import attacks
 import cli
-import detectors
 import evaluation
 import gmm
 import hfc
@@ -141,19 +140,8 @@ def run(config: Config) -> dict:
     device = utils.prepare_runtime(config.device, config.seed, config.threads)
     model, _ = saver.load_model(run_.checkpoint, device, arch=config.arch, hint=run_.hint("train"))
     sets = evaluation.load_protocol_sets(run_, spec.name, noise)
-    detectors_dir = run_.detectors_dir(detector_attack)
-    fitted = detectors.load_detectors(detectors_dir, hint=run_.hint("detectors", f"--attack {detector_attack}"))
-    runs.require_fresh(detectors_dir / runs.SUMMARY,
-                       {"checkpoint": run_.checkpoint, "attack_set": run_.ae_dir(detector_attack) / aesets.AE_FILE},
-                       "the detectors", run_.hint("detectors", f"--attack {detector_attack}", when="again"))
-    mixtures_hint = run_.hint("mixtures", f"-y {config.num_component}")
-    mixtures = gmm.load_mixtures(run_.mixtures_dir(config.num_component), hint=mixtures_hint)
-    runs.require_fresh(run_.mixtures_dir(config.num_component) / runs.SUMMARY, {"checkpoint": run_.checkpoint},
-                       "the mixtures", run_.hint("mixtures", f"-y {config.num_component}", when="again"))
-    if config.term == "normalised" and mixtures.scales is None:
-        raise utils.UserError(f"the mixtures in {run_.mixtures_dir(config.num_component)} carry no held-out term "
-                              f"scales (made by an older get_GMM.py); "
-                              f"{run_.hint('mixtures', f'-y {config.num_component}', when='again')}")
+    fitted = evaluation.load_fresh_detectors(run_, detector_attack)
+    mixtures = evaluation.load_fresh_mixtures(run_, config.num_component, need_scales=config.term == "normalised")
     term = hfc.HFCTerm(mixtures, device=device, **hfc.TERMS[config.term])
     step_256, steps = hfc.hfc_schedule(run_.dataset, config.arch, spec.eps_256, config.step_size, config.steps)
     base = sets["base"]
