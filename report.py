@@ -85,7 +85,7 @@ def mean_auc(results: dict[str, Any], row: str) -> tuple[float | None, list[floa
         return None, None
     names = [name for name, rows in results["detectors"].items() if row in rows]
     stored = (results.get("mean_auc") or {}).get(row)
-    if stored is not None and list(results.get("mean_auc_of") or []) == names:
+    if stored is not None and set(results.get("mean_auc_of") or []) == set(names):
         return float(stored), (results.get("mean_auc_ci") or {}).get(row)
     return sum(aucs) / len(aucs), None
 
