@@ -150,3 +150,13 @@ def test_bootstrap_edge_cases():
     values = boot.auc([0.0, 0.0], [1.0], [0, 1], [0])
     assert np.isnan(values).any() and set(values[~np.isnan(values)]) == {1.0}
     assert metrics.percentile_interval([np.nan, np.nan]) == pytest.approx([np.nan, np.nan], nan_ok=True)
+
+
+def test_protocol_images_follow_the_benign_and_adversarial_sets_order():
+    import evaluation
+
+    benign_images, adv_images = evaluation.protocol_images(4, [True, False, True, True])
+    assert benign_images.tolist() == [0, 1, 2, 3, 0, 1, 2, 3]  # clean, then noisy (features.benign_set)
+    assert adv_images.tolist() == [0, 2, 3]                     # the successful AEs in order (features.adv_set)
+    with pytest.raises(ValueError):
+        evaluation.protocol_images(3, [True, False])
