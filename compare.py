@@ -17,7 +17,8 @@ returning the latest successful iterate, and a different ``extra`` term (``adapt
 
 λ of each term row is ``--lamda`` or, with ``auto`` (the default), chosen on A_fit images only by
 ``hfc.choose_lambda`` (HFC's rule). Every row is scored against the seven fitted detectors by
-``evaluation.score_rows`` (one code path).
+``evaluation.score_table`` (one code path), with bootstrap intervals (``success_ci``, ``mean_auc_ci``,
+and each detector's ``auc_ci`` and ``tnr90_ci``; by image, 1000 seeded resamples, 95%).
 
     python compare.py --dataset synthetic -a resnet50 --attack I_FGSM_Linf_6 -y 8
 
@@ -47,6 +48,7 @@ import features
 import gmm
 import gmm_attack
 import hfc
+import metrics
 import opgd
 import plots
 import report
@@ -327,29 +329,38 @@ class _Stage:
                         "term": self.config.term, "layers": [self.model.layer_names[i] for i in self.mixtures.layers],
                         "source": str(folder)}
                 reports = {name: per_row["hfc"] for name, per_row in results["detectors"].items()}
+                if set(results.get("mean_auc_of") or []) == set(report.DETECTOR_ORDER):
+                    info["mean_auc_ci"] = (results.get("mean_auc_ci") or {}).get("hfc")
                 return hfc_set["adv"], hfc_set["success"], info, reports
         adv, success, info = self.opgd_row(row) if row in OPGD_ROWS else self.attack_row(row)
         return adv, success, info, None
 
-    def score(self, row: str, adv: np.ndarray, success: np.ndarray) -> dict | None:
+    def score(self, row: str, adv: np.ndarray, success: np.ndarray) -> tuple[dict | None, list | None]:
+        """{detector: report} of one row and its mean AUC's interval; (None, None) when no AE succeeded."""
         if not np.asarray(success, bool).any():
-            return None  # nothing to detect: reported as null
-        table, _, _ = evaluation.score_rows(self.model, self.fitted, self.clean, self.sets["noisy"][self.eval_pos],
-                                            {row: (adv, success)}, device=self.device,
-                                            batch_size=self.config.batch_size)
-        return {name: per_row[row] for name, per_row in table.items()}
+            return None, None  # nothing to detect: reported as null
+        scored = evaluation.score_table(self.model, self.fitted, self.clean, self.sets["noisy"][self.eval_pos],
+                                        {row: (adv, success)}, device=self.device,
+                                        batch_size=self.config.batch_size, mean_of=report.DETECTOR_ORDER)
+        return {name: per_row[row] for name, per_row in scored.table.items()}, scored.mean_auc_ci.get(row)
 
     def compute(self, row: str, settings: dict) -> dict:
         adv, success, info, reports = self.make_row(row)
+        mean_auc_ci = info.pop("mean_auc_ci", None)
         if reports is None:
-            reports = self.score(row, adv, success)
+            reports, mean_auc_ci = self.score(row, adv, success)
         success = np.asarray(success, bool)
+        # The same seeded draws of the images as score_table's, so the same interval.
         result = {"success": float(success.mean()), "n_success": int(success.sum()), **info,
-                  "mean_auc": None, "detectors": None}
+                  "mean_auc": None, "detectors": None,
+                  "success_ci": metrics.success_interval(success), "mean_auc_ci": None}
         if reports is not None:
-            result["detectors"] = {name: {"auc": float(reports[name]["auc"]), "tnr90": float(reports[name]["tnr90"])}
+            result["detectors"] = {name: {"auc": float(reports[name]["auc"]), "tnr90": float(reports[name]["tnr90"]),
+                                          **{key: reports[name][key] for key in report.CI_FIELDS
+                                             if key in reports[name]}}
                                    for name in report.DETECTOR_ORDER}
             result["mean_auc"] = float(np.mean([m["auc"] for m in result["detectors"].values()]))
+            result["mean_auc_ci"] = mean_auc_ci
         layer_auc = {name: reports[name]["layer_auc"] for name in report.DETECTOR_ORDER
                      if reports is not None and "layer_auc" in reports[name]}
         base = self.sets["base"]

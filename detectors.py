@@ -929,11 +929,13 @@ def load_detectors(folder: str | Path, names=None, hint: str = "run extract_feat
 
 
 def evaluate_rows(detectors: dict[str, Detector], model, benign: FeatureSet, adv_rows: dict[str, FeatureSet],
-                  per_layer: bool = False, progress: bool = False) -> dict[str, dict[str, dict[str, Any]]]:
+                  per_layer: bool = False, progress: bool = False,
+                  scores: dict[str, dict[str, np.ndarray]] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
     """Score one benign set once, and each named adversarial set, with every detector:
     {detector: {row: report}}. The report is ``metrics.detection_report`` plus ``score_seconds``
     (benign and that row) and, with ``per_layer`` for per-layer detectors, ``layer_auc`` {layer
-    name: AUC}. The one scoring path for base and HFC rows."""
+    name: AUC}. The one scoring path for base and HFC rows. A ``scores`` dict, when given, is
+    filled with the final scores: {detector: {"benign": ..., "adv": {row: ...}}} (the bootstrap's input)."""
     reports: dict[str, dict[str, dict[str, Any]]] = {}
     for name, detector in tqdm(detectors.items(), desc="score detectors", disable=not progress, leave=False):
         layered = per_layer and detector.per_layer
@@ -942,9 +944,13 @@ def evaluate_rows(detectors: dict[str, Detector], model, benign: FeatureSet, adv
         benign_scores, benign_layers = score(model, benign)
         benign_seconds = time.perf_counter() - start
         reports[name] = {}
+        if scores is not None:
+            scores[name] = {"benign": np.asarray(benign_scores), "adv": {}}
         for row, adv in adv_rows.items():
             start = time.perf_counter()
             adv_scores, adv_layers = score(model, adv)
+            if scores is not None:
+                scores[name]["adv"][row] = np.asarray(adv_scores)
             report: dict[str, Any] = {**metrics.detection_report(benign_scores, adv_scores),
                                       "score_seconds": benign_seconds + time.perf_counter() - start}
             if layered:

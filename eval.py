@@ -64,13 +64,14 @@ def run(config: Config) -> list[dict]:
         base_rows = aesets.rows_of(base, hfc_set["index"], f"base set {attack_dir}", evaluation.REMAKE_HINT)
         rows = {"base": (base["adv"][base_rows], base["success"][base_rows]),
                 "hfc": (hfc_set["adv"], hfc_set["success"])}
-        table, success, _ = evaluation.score_rows(model, fitted, hfc_set["clean"], sets["noisy"][base_rows], rows,
-                                                  device=device, batch_size=config.batch_size)
+        scored = evaluation.score_table(model, fitted, hfc_set["clean"], sets["noisy"][base_rows], rows,
+                                        device=device, batch_size=config.batch_size)
         meta = hfc_set.get("meta") or {}
         results = report.results_dict(
             dataset=run_.dataset, arch=config.arch, attack=spec.name, detector_attack=detector_attack,
-            epsilon_256=spec.eps_256, n_eval=len(hfc_set["index"]), success=success, detectors=table,
-            hfc_set=folder.name, lamda=meta.get("lamda"), num_component=meta.get("num_component"))
+            epsilon_256=spec.eps_256, n_eval=len(hfc_set["index"]), success=scored.success,
+            detectors=scored.table, **scored.summary_fields(), hfc_set=folder.name, lamda=meta.get("lamda"),
+            num_component=meta.get("num_component"))
         utils.write_json(folder / f"eval_{detector_attack}.json", results)
         all_results.append(results)
         if config.format == "json":

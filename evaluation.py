@@ -5,11 +5,14 @@ A = the correctly classified test images in a seeded order (fixed by ``gen_base_
 saved with every AE set). The first 70% of A is A_fit, the rest A_eval: detectors are fitted on
 A_fit and scored on A_eval; the HFC attack attacks A_eval. Benign = the clean images and their
 noise versions (``Noise_Linf_<k>``, made by ``make_noise_set`` only); adversarial = the
-successful AEs. ``score_rows`` scores any number of AE rows of the same images against the same
-benign set with the same detectors: the "base" and "HFC" rows of a table come from one code path.
+successful AEs. ``score_table`` (and its tuple view ``score_rows``) scores any number of AE rows
+of the same images against the same benign set with the same detectors: the "base" and "HFC" rows
+of a table come from one code path, with bootstrap intervals that resample the images.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,6 +23,7 @@ import attacks
 import detectors
 import features
 import gmm
+import metrics
 import runs
 from utils import UserError
 
@@ -100,30 +104,110 @@ def load_protocol_sets(run: runs.Run, attack: str, noise: str) -> dict[str, Any]
     return {"base": base, "noisy": noisy, "fit": fit_pos, "eval": eval_pos}
 
 
-def score_rows(model, fitted: dict[str, detectors.Detector], clean: np.ndarray, noisy: np.ndarray,
-               rows: dict[str, tuple[np.ndarray, np.ndarray]], *, device, batch_size: int = 32
-               ) -> tuple[dict[str, dict[str, dict]], dict[str, float], dict[str, features.FeatureSet]]:
-    """Score benign (clean + noisy) against each row's successful AEs with every detector.
+def protocol_images(n_images: int, success) -> tuple[np.ndarray, np.ndarray]:
+    """The image (0 .. n − 1) each scored sample comes from, for the bootstrap: the benign set
+    is the clean then the noisy versions of the n images (``features.benign_set``), the
+    adversarial set the successful AEs in order (``features.adv_set``)."""
+    success = np.asarray(success, dtype=bool)
+    if len(success) != n_images:
+        raise ValueError(f"{len(success)} success flags for {n_images} images")
+    return np.tile(np.arange(n_images), 2), np.flatnonzero(success)
+
+
+@dataclass
+class ScoredRows:
+    """``score_table``'s result. ``table``: {detector: {row: report}} (each report also carries
+    ``auc_ci`` and ``tnr90_ci``); per row: ``success`` (rate over the images), ``success_ci``,
+    ``mean_auc`` (over the detectors ``mean_auc_of``) and ``mean_auc_ci``; ``features``: {row:
+    features of its successful AEs}; ``bootstrap``: how the intervals were drawn."""
+
+    table: dict[str, dict[str, dict]]
+    success: dict[str, float]
+    success_ci: dict[str, list[float]]
+    mean_auc: dict[str, float]
+    mean_auc_ci: dict[str, list[float]]
+    mean_auc_of: list[str]
+    features: dict[str, features.FeatureSet]
+    bootstrap: dict[str, Any]
+
+    def summary_fields(self) -> dict[str, Any]:
+        """The fields a results file carries beside ``success`` and ``detectors``."""
+        return {"success_ci": self.success_ci, "mean_auc": self.mean_auc, "mean_auc_ci": self.mean_auc_ci,
+                "mean_auc_of": self.mean_auc_of, "bootstrap": self.bootstrap}
+
+
+def bootstrap_settings(resamples: int = metrics.BOOTSTRAP_RESAMPLES, seed: int = metrics.BOOTSTRAP_SEED,
+                       level: float = metrics.BOOTSTRAP_LEVEL) -> dict[str, Any]:
+    """How the intervals are drawn (recorded with them)."""
+    return {"unit": "image (its clean and noisy benign versions and its AE together)", "resamples": resamples,
+            "seed": seed, "level": level, "interval": "percentile"}
+
+
+def score_table(model, fitted: dict[str, detectors.Detector], clean: np.ndarray, noisy: np.ndarray,
+                rows: dict[str, tuple[np.ndarray, np.ndarray]], *, device, batch_size: int = 32,
+                mean_of: Sequence[str] | None = None, resamples: int = metrics.BOOTSTRAP_RESAMPLES,
+                bootstrap_seed: int = metrics.BOOTSTRAP_SEED, level: float = metrics.BOOTSTRAP_LEVEL
+                ) -> ScoredRows:
+    """Score benign (clean + noisy) against each row's successful AEs with every detector, with
+    bootstrap intervals.
 
     ``rows`` maps a row name ("base", "hfc", ...) to (AE images, success) of the same images as
     ``clean``. The feature sets are built exactly as ``extract_features.py`` builds them
     (``features.benign_set`` and ``features.adv_set``), so a row scored here equals the same row scored there; the
-    benign set is extracted and scored once for all rows.
-    Returns ({detector: {row: detection report}}, {row: success rate}, {row: features of its
-    successful AEs}); the reports of the per-layer detectors (KD, LID, MAHA, DNN) carry
-    ``layer_auc`` {layer name: AUC of that layer's score}."""
+    benign set is extracted and scored once for all rows. The reports of the per-layer detectors
+    (KD, LID, MAHA, DNN) carry ``layer_auc`` {layer name: AUC of that layer's score}.
+
+    Intervals: ``resamples`` seeded draws of the images with replacement (``metrics.ImageBootstrap``;
+    an image's two benign versions and its AE move together), the same draws for every detector
+    and row, so the mean AUC's interval averages the detectors' AUCs resample by resample;
+    the central ``level`` percentile interval. ``mean_of``: the detectors the mean AUC is over
+    (those of them scored; default: every detector scored)."""
     keep_maps = fitted["DNN"].layers_ if "DNN" in fitted else ()
-    success_rates, adv_rows = {}, {}
+    n_images = len(clean)
+    success_rates, successes, adv_rows = {}, {}, {}
     for row, (adv, success) in rows.items():
         success = np.asarray(success, dtype=bool)
+        if len(success) != n_images:
+            raise ValueError(f"row {row}: {len(success)} success flags for {n_images} images")
         success_rates[row] = float(success.mean()) if len(success) else 0.0
+        successes[row] = success
         if success.sum() < 1:
             raise UserError(f"no successful {row} AE among {len(success)} evaluation images: nothing to score")
         adv_rows[row] = features.adv_set(model, adv, success, device, batch_size, keep_maps, desc=f"{row}: ")
     benign = features.benign_set(model, clean, noisy, device, batch_size, keep_maps)
     # Per-layer AUCs cost nothing more (the combined score is made from the layer scores).
-    table = detectors.evaluate_rows(fitted, model, benign, adv_rows, per_layer=True, progress=True)
-    return table, success_rates, adv_rows
+    scores: dict[str, dict] = {}
+    table = detectors.evaluate_rows(fitted, model, benign, adv_rows, per_layer=True, progress=True, scores=scores)
+
+    boot = metrics.ImageBootstrap(n_images, resamples, bootstrap_seed)
+    mean_auc_of = [name for name in (mean_of if mean_of is not None else table) if name in table]
+    success_ci, mean_auc, mean_auc_ci = {}, {}, {}
+    for row, success in successes.items():
+        benign_images, adv_images = protocol_images(n_images, success)
+        success_ci[row] = metrics.percentile_interval(boot.rate(success), level)
+        replicates = {}
+        for name, per_row in table.items():
+            benign_scores, adv_scores = scores[name]["benign"], scores[name]["adv"][row]
+            replicates[name] = boot.auc(benign_scores, adv_scores, benign_images, adv_images)
+            per_row[row]["auc_ci"] = metrics.percentile_interval(replicates[name], level)
+            per_row[row]["tnr90_ci"] = metrics.percentile_interval(
+                boot.tnr(benign_scores, adv_scores, benign_images, adv_images, 0.90), level)
+        if mean_auc_of:
+            mean_auc[row] = float(np.mean([table[name][row]["auc"] for name in mean_auc_of]))
+            mean_auc_ci[row] = metrics.percentile_interval(np.mean([replicates[name] for name in mean_auc_of],
+                                                                   axis=0), level)
+    return ScoredRows(table=table, success=success_rates, success_ci=success_ci, mean_auc=mean_auc,
+                      mean_auc_ci=mean_auc_ci, mean_auc_of=mean_auc_of, features=adv_rows,
+                      bootstrap=bootstrap_settings(resamples, bootstrap_seed, level))
+
+
+def score_rows(model, fitted: dict[str, detectors.Detector], clean: np.ndarray, noisy: np.ndarray,
+               rows: dict[str, tuple[np.ndarray, np.ndarray]], *, device, batch_size: int = 32
+               ) -> tuple[dict[str, dict[str, dict]], dict[str, float], dict[str, features.FeatureSet]]:
+    """``score_table`` as ({detector: {row: detection report with auc_ci, tnr90_ci}}, {row:
+    success rate}, {row: features of its successful AEs})."""
+    scored = score_table(model, fitted, clean, noisy, rows, device=device, batch_size=batch_size)
+    return scored.table, scored.success, scored.features
 
 
 @torch.no_grad()

@@ -174,15 +174,16 @@ def run(config: Config) -> dict:
 
     timer = time.perf_counter()
     rows = {"base": (base["adv"][eval_pos], base["success"][eval_pos]), "hfc": (adv.numpy(), success.numpy())}
-    table, success_rates, adv_features = evaluation.score_rows(model, fitted, clean, sets["noisy"][eval_pos], rows,
-                                                              device=device, batch_size=config.batch_size)
+    scored = evaluation.score_table(model, fitted, clean, sets["noisy"][eval_pos], rows, device=device,
+                                    batch_size=config.batch_size)
     score_seconds = time.perf_counter() - timer
     loglik = evaluation.mixture_log_likelihood(model, mixtures, rows, base["targets"][eval_pos], device,
-                                               extracted=adv_features)
+                                               extracted=scored.features)
     results = report.results_dict(
         dataset=run_.dataset, arch=config.arch, attack=spec.name, detector_attack=detector_attack,
-        epsilon_256=spec.eps_256, n_eval=len(eval_pos), success=success_rates, detectors=table,
-        lamda=lam, lamda_rule=lamda_rule, lamda_trials=trials, num_component=config.num_component,
+        epsilon_256=spec.eps_256, n_eval=len(eval_pos), success=scored.success, detectors=scored.table,
+        **scored.summary_fields(), lamda=lam, lamda_rule=lamda_rule, lamda_trials=trials,
+        num_component=config.num_component,
         step_size_256=step_256, steps=steps, keep_successful=not config.last_iterate, term=config.term,
         class_loss=config.class_loss, kappa=config.kappa_value(), mixture_log_likelihood=loglik,
         seconds={"choose_lamda": tune_seconds, "attack": attack_seconds,

@@ -20,17 +20,39 @@ ROWS = ("base", "hfc")
 def results_dict(*, dataset: str, arch: str, attack: str, detector_attack: str, epsilon_256: float,
                  n_eval: int, success: dict[str, float], detectors: dict[str, dict[str, dict]],
                  **extra: Any) -> dict[str, Any]:
-    """Assemble ``results.json``: per detector and row ("base"/"hfc") at least auc and tnr90."""
+    """Assemble ``results.json``: per detector and row ("base"/"hfc") at least auc and tnr90, and
+    their bootstrap intervals ``auc_ci`` / ``tnr90_ci`` ([lo, hi]) when the reports carry them
+    (``evaluation.score_table``; its ``summary_fields()`` go in ``extra``: ``success_ci``,
+    ``mean_auc``, ``mean_auc_ci``, ``mean_auc_of``, ``bootstrap``)."""
     ordered = {name: detectors[name] for name in DETECTOR_ORDER if name in detectors}
     ordered.update({k: v for k, v in detectors.items() if k not in ordered})
     return {"dataset": dataset, "arch": arch, "attack": attack, "detector_attack": detector_attack,
             "epsilon_256": float(epsilon_256), "n_eval": int(n_eval),
             "success": {row: float(success[row]) for row in success},
             "detectors": {name: {row: {"auc": float(m["auc"]), "tnr90": float(m["tnr90"]),
+                                       **{key: _interval(m[key]) for key in CI_FIELDS if key in m},
                                        **({"layer_auc": {k: float(v) for k, v in m["layer_auc"].items()}}
                                           if "layer_auc" in m else {})}
                                  for row, m in rows.items()} for name, rows in ordered.items()},
             **extra}
+
+
+CI_FIELDS = ("auc_ci", "tnr90_ci")
+
+
+def _interval(pair) -> list[float]:
+    lo, hi = pair
+    return [float(lo), float(hi)]
+
+
+def cell(value: float | None, interval=None, spec: str = ".3f") -> str:
+    """A number, with its interval when there is one: ``0.790 [0.680, 0.880]``; "-" for None."""
+    if value is None:
+        return "-"
+    text = format(value, spec)
+    if interval is not None and len(interval) == 2 and None not in interval:
+        text += f" [{format(interval[0], spec)}, {format(interval[1], spec)}]"
+    return text
 
 
 def _rows(results: dict[str, Any]) -> list[list[str]]:
@@ -41,15 +63,31 @@ def _rows(results: dict[str, Any]) -> list[list[str]]:
         cells = [name]
         for r in rows_present:
             metrics = per_row.get(r)
-            cells += [f"{metrics['auc']:.3f}", f"{metrics['tnr90']:.3f}"] if metrics else ["-", "-"]
+            cells += ([cell(metrics["auc"], metrics.get("auc_ci")), cell(metrics["tnr90"], metrics.get("tnr90_ci"))]
+                      if metrics else ["-", "-"])
         lines.append(cells)
-    aucs = {r: [rows[r]["auc"] for rows in results["detectors"].values() if r in rows] for r in rows_present}
     mean = ["mean"]
     for r in rows_present:
-        mean += [f"{sum(aucs[r]) / len(aucs[r]):.3f}" if aucs[r] else "-", ""]
+        value, interval = mean_auc(results, r)
+        mean += [cell(value, interval), ""]
     lines.append(mean)
-    lines.append(["success"] + sum(([f"{results['success'][r]:.3f}", ""] for r in rows_present), []))
+    success_ci = results.get("success_ci") or {}
+    lines.append(["success"] + sum(([cell(results["success"][r], success_ci.get(r)), ""] for r in rows_present), []))
     return lines
+
+
+def mean_auc(results: dict[str, Any], row: str) -> tuple[float | None, list[float] | None]:
+    """The mean AUC of a row over every detector in ``results`` and its interval: the stored
+    ``mean_auc`` / ``mean_auc_ci`` when they are over those same detectors, else the mean
+    computed here without an interval (results.json files written before the intervals)."""
+    aucs = [rows[row]["auc"] for rows in results["detectors"].values() if row in rows]
+    if not aucs:
+        return None, None
+    names = [name for name, rows in results["detectors"].items() if row in rows]
+    stored = (results.get("mean_auc") or {}).get(row)
+    if stored is not None and set(results.get("mean_auc_of") or []) == set(names):
+        return float(stored), (results.get("mean_auc_ci") or {}).get(row)
+    return sum(aucs) / len(aucs), None
 
 
 def format_table(results: dict[str, Any], fmt: str = "md") -> str:
@@ -57,10 +95,11 @@ def format_table(results: dict[str, Any], fmt: str = "md") -> str:
     title = (f"{results['dataset']} / {results['arch']} / {results['attack']} "
              f"(eps = {results['epsilon_256']:g}/256, detectors fitted on {results['detector_attack']}, "
              f"n_eval = {results['n_eval']})")
-    return _render(title, _rows(results), fmt)
+    return render(title, _rows(results), fmt)
 
 
-def _render(title: str, lines: list[list[str]], fmt: str) -> str:
+def render(title: str, lines: list[list[str]], fmt: str) -> str:
+    """Lines of cells (the first: the header) as CSV, Markdown (with ``title``) or aligned text."""
     if fmt == "csv":
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerows(lines)
@@ -73,6 +112,9 @@ def _render(title: str, lines: list[list[str]], fmt: str) -> str:
     widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
     out = [title] + ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in lines]
     return "\n".join(out) + "\n"
+
+
+_render = render  # its former name
 
 
 def format_layer_table(results: dict[str, Any], fmt: str = "md") -> str:
@@ -89,7 +131,7 @@ def format_layer_table(results: dict[str, Any], fmt: str = "md") -> str:
             lines.append([layer] + [f"{per_row[r]['layer_auc'][layer]:.3f}" if "layer_auc" in per_row.get(r, {})
                                     else "-" for r in rows_present])
         lines.append(["combined"] + [f"{per_row[r]['auc']:.3f}" if r in per_row else "-" for r in rows_present])
-        parts.append(_render(f"{name}: AUC of each layer's score", lines, fmt))
+        parts.append(render(f"{name}: AUC of each layer's score", lines, fmt))
     return "\n".join(parts)
 
 
@@ -98,12 +140,13 @@ def summary_rows(results: dict[str, Any], label: str, with_base: bool = True) ->
     detector, mean AUC, success, λ."""
     lines = []
     for row in [r for r in ROWS if r in results["success"] and (with_base or r != "base")]:
-        aucs = [per_row[row]["auc"] for per_row in results["detectors"].values() if row in per_row]
         lam = results.get("lamda") if row == "hfc" else None
+        value, interval = mean_auc(results, row)
+        per = {name: results["detectors"].get(name, {}).get(row) for name in DETECTOR_ORDER}
         lines.append([label, row if row == "base" else _hfc_label(results)]
-                     + [f"{results['detectors'][name][row]['auc']:.3f}" if name in results["detectors"] else "-"
-                        for name in DETECTOR_ORDER]
-                     + [f"{sum(aucs) / len(aucs):.3f}", f"{results['success'][row]:.3f}",
+                     + [cell(m["auc"], m.get("auc_ci")) if m else "-" for m in per.values()]
+                     + [cell(value, interval),
+                        cell(results["success"][row], (results.get("success_ci") or {}).get(row)),
                         "-" if lam is None else f"{lam:.3g}"])
     return lines
 
@@ -125,13 +168,14 @@ def format_compare_table(compare: dict[str, Any], fmt: str = "md") -> str:
     number = lambda value, spec=".3f": "-" if value is None else format(value, spec)  # noqa: E731
     for name, row in compare["rows"].items():
         per = row.get("detectors") or {}
-        lines.append([name, number(row["success"]), number(row.get("mean_auc")),
-                      *[number((per.get(d) or {}).get("auc")) for d in DETECTOR_ORDER],
+        lines.append([name, cell(row["success"], row.get("success_ci")),
+                      cell(row.get("mean_auc"), row.get("mean_auc_ci")),
+                      *[cell((per.get(d) or {}).get("auc"), (per.get(d) or {}).get("auc_ci")) for d in DETECTOR_ORDER],
                       number(row.get("lamda"), ".3g"), number(row.get("seconds_per_image"), ".3g")])
     title = (f"{compare['dataset']} / {compare['arch']} / {compare['attack']}: adaptive attacks at HFC's schedule "
              f"(eps = {compare['epsilon_256']:g}/256, alpha = {compare['step_size_256']:g}/256, "
              f"T = {compare['steps']}, n_eval = {compare['n_eval']}; detection AUC on A_eval)")
-    return _render(title, lines, fmt)
+    return render(title, lines, fmt)
 
 
 def main(argv=None) -> str:
@@ -159,7 +203,7 @@ def main(argv=None) -> str:
         lines += summary_rows(results, label, with_base=base_key not in bases_shown)
         bases_shown.add(base_key)
     command = "python report.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    table = _render(f"AUC on A_eval ({command})", lines, args.format)
+    table = render(f"AUC on A_eval ({command})", lines, args.format)
     print(table)
     return table
 

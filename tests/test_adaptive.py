@@ -205,6 +205,11 @@ def test_compare_stage_on_the_tiny_run(pipeline, monkeypatch):  # noqa: F811
             aucs = [m["auc"] for m in row["detectors"].values()]
             assert all(0.0 <= m["auc"] <= 1.0 and 0.0 <= m["tnr90"] <= 1.0 for m in row["detectors"].values())
             assert row["mean_auc"] == pytest.approx(np.mean(aucs))
+            for m in row["detectors"].values():  # intervals by image (evaluation.score_table)
+                assert m["auc_ci"][0] <= m["auc"] <= m["auc_ci"][1]
+                assert m["tnr90_ci"][0] <= m["tnr90"] <= m["tnr90_ci"][1]
+            assert row["mean_auc_ci"][0] <= row["mean_auc"] <= row["mean_auc_ci"][1], name
+        assert row["success_ci"][0] <= row["success"] <= row["success_ci"][1], name
         ae = aesets.load_ae_set(folder / name)  # checked: L∞ ≤ ε, range, shapes
         base_index = ae["index"] if base_index is None else base_index
         assert np.array_equal(ae["index"], base_index) and len(ae["index"]) == 6
@@ -217,6 +222,10 @@ def test_compare_stage_on_the_tiny_run(pipeline, monkeypatch):  # noqa: F811
     assert rows["HFC"]["success"] == hfc_results["success"]["hfc"]
     for name, per in rows["HFC"]["detectors"].items():
         assert per["auc"] == hfc_results["detectors"][name]["hfc"]["auc"]
+        assert per["auc_ci"] == hfc_results["detectors"][name]["hfc"]["auc_ci"]
+    # the same seeded draws of the same images: the reused row's intervals are gmm_attack.py's
+    assert rows["HFC"]["success_ci"] == hfc_results["success_ci"]["hfc"]
+    assert rows["HFC"]["mean_auc_ci"] == hfc_results["mean_auc_ci"]["hfc"]
     for name in ("KD", "MAHA"):  # the base row: gmm_attack's base row of the same images (one scoring path)
         assert rows["base"]["detectors"][name]["auc"] == pytest.approx(hfc_results["detectors"][name]["base"]["auc"])
     print("\n" + (folder / "compare.md").read_text())
@@ -228,7 +237,7 @@ def test_compare_stage_on_the_tiny_run(pipeline, monkeypatch):  # noqa: F811
     def refuse(*args, **kwargs):
         raise AssertionError("a reused row was recomputed")
     monkeypatch.setattr(hfc, "hfc_attack", refuse)
-    monkeypatch.setattr(compare.evaluation, "score_rows", refuse)
+    monkeypatch.setattr(compare.evaluation, "score_table", refuse)
     again = compare.main(COMMON)
     assert again["rows"] == saved["rows"]
     monkeypatch.undo()
@@ -245,7 +254,8 @@ def test_compare_stage_on_the_tiny_run(pipeline, monkeypatch):  # noqa: F811
     same = gmm_attack.main(COMMON + settings)
     assert other["rows"]["HFC"]["success"] == same["success"]["hfc"]
     for name, per in other["rows"]["HFC"]["detectors"].items():
-        assert per == {"auc": same["detectors"][name]["hfc"]["auc"], "tnr90": same["detectors"][name]["hfc"]["tnr90"]}
+        assert per == {key: same["detectors"][name]["hfc"][key] for key in ("auc", "tnr90", "auc_ci", "tnr90_ci")}
+    assert other["rows"]["HFC"]["success_ci"] == same["success_ci"]["hfc"]
 
 
 def test_compare_errors_are_one_line_and_overwrite_nothing(pipeline, tmp_path, monkeypatch):  # noqa: F811

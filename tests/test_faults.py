@@ -346,7 +346,7 @@ INTERRUPTS = [
     ("extract_features", "detectors.fit_all", False), ("extract_features", "detectors.save_detectors", True),
     ("get_GMM", "gmm.fit_mixtures", False), ("get_GMM", "gmm.Mixtures.save", True),
     ("gmm_attack", "hfc.hfc_attack", False), ("gmm_attack", "aesets.save_ae_set", True),
-    ("eval", "evaluation.score_rows", False), ("reproduce", "hfc.hfc_attack", False),
+    ("eval", "evaluation.score_table", False), ("reproduce", "hfc.hfc_attack", False),
 ]
 
 

@@ -204,8 +204,23 @@ def test_gmm_attack_eval_and_reproduce_end_to_end(pipeline, monkeypatch):
     for name, rows in results["detectors"].items():
         assert rows["base"]["auc"] == pytest.approx(fitted_summary["detectors"][name]["auc"], abs=1e-12), name
         assert rows["base"]["tnr90"] == pytest.approx(fitted_summary["detectors"][name]["tnr90"], abs=1e-12), name
+    # every AUC, TNR@90, mean AUC and success carries its bootstrap interval (by image), which holds it
+    for rows in results["detectors"].values():
+        for row in ("base", "hfc"):
+            for metric in ("auc", "tnr90"):
+                lo, hi = rows[row][f"{metric}_ci"]
+                assert lo <= rows[row][metric] <= hi
+    for row in ("base", "hfc"):
+        lo, hi = results["success_ci"][row]
+        assert lo <= results["success"][row] <= hi
+        lo, hi = results["mean_auc_ci"][row]
+        assert lo <= results["mean_auc"][row] <= hi
+        aucs = [r[row]["auc"] for r in results["detectors"].values()]
+        assert results["mean_auc"][row] == pytest.approx(np.mean(aucs))
+    assert set(results["mean_auc_of"]) == set(results["detectors"]) and results["bootstrap"]["resamples"] == 1000
     folder = pipeline / "runs_synthetic" / "resnet18" / ATTACK / "hfc_M2_lamauto"
     assert json.loads((folder / "results.json").read_text())["n_eval"] == results["n_eval"]
+    assert "] |" in (folder / "results.md").read_text()  # the table shows the intervals
     assert "| KD |" in (folder / "results.md").read_text()
     hfc_set = aesets.load_ae_set(folder)  # checked: L∞ ≤ ε, range, shapes
     assert len(hfc_set["index"]) == results["n_eval"]
@@ -221,6 +236,7 @@ def test_gmm_attack_eval_and_reproduce_end_to_end(pipeline, monkeypatch):
     [again] = eval_script.main(["-a", "resnet18", "--dataset", "synthetic", "--attack", ATTACK, "--device", "cpu",
                                 "--format", "csv", "--per-layer", "--hfc", "hfc_M2_lamauto"])
     assert again["detectors"] == results["detectors"] and again["success"] == results["success"]
+    assert again["success_ci"] == results["success_ci"] and again["mean_auc_ci"] == results["mean_auc_ci"]
     # the per-layer detectors report every layer's AUC, for both rows
     for name in ("KD", "LID", "MAHA", "DNN"):
         for row in ("base", "hfc"):
