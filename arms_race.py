@@ -604,7 +604,7 @@ def format_rounds(result: dict[str, Any], fmt: str = "md") -> str:
              f"{result['epsilon_256']:g}/256, alpha = {result['step_size_256']:g}/256, T = {result['steps']}, "
              f"HFC term {result['term']}, typical-set term {result['ts_term']}, λ " + ", ".join(f"{a} {v:.3g}" for a, v in lam.items())
              + f"; n_eval = {result['n_eval']}, n_fit = {result['n_fit']}; AUC (TNR@90) on A_eval)")
-    return report._render(title, lines, fmt)
+    return report.render(title, lines, fmt)
 
 
 def figure(path: Path, result: dict[str, Any]) -> None:

@@ -114,7 +114,6 @@ def render(title: str, lines: list[list[str]], fmt: str) -> str:
     return "\n".join(out) + "\n"
 
 
-_render = render  # its former name
 
 
 def format_layer_table(results: dict[str, Any], fmt: str = "md") -> str:
