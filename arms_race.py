@@ -630,7 +630,7 @@ def figure(path: Path, result: dict[str, Any]) -> None:
     ax.set_ylabel("detection AUC on A_eval")
     ax.set_title(f"{result['dataset']} / {result['arch']} / {result['attack']}: the arms race", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    plots._save(fig, path)
+    plots.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 from utils import atomic_write_bytes  # noqa: E402
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -43,7 +43,7 @@ def feature_space(path: Path, clean: np.ndarray, clean_labels: np.ndarray, base:
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def auc_bars(path: Path, results: dict) -> None:
@@ -61,7 +61,7 @@ def auc_bars(path: Path, results: dict) -> None:
     ax.set_ylabel("detection AUC")
     ax.set_title(f"{results['dataset']} / {results['arch']}: detectors before and after HFC")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def auc_vs_success(path: Path, compare: dict) -> None:
@@ -81,4 +81,4 @@ def auc_vs_success(path: Path, compare: dict) -> None:
     ax.set_ylabel("mean detection AUC (7 detectors)")
     ax.set_title(f"{compare['dataset']} / {compare['arch']} / {compare['attack']}: hidden and successful "
                  "is bottom right", fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
