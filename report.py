@@ -185,8 +185,9 @@ def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", help="results.json files (gmm_attack.py's)")
     parser.add_argument("--format", default="md", choices=("md", "csv", "text"), help="table format (default: md)")
-    parser.add_argument("--label", default="run", choices=("run", "seed", "dataset"),
-                        help="what names each row's run: its folder, its seed or its data set (default: run)")
+    parser.add_argument("--label", default="run", choices=("run", "seed", "dataset", "root"),
+                        help="what names each row's run: its folder, its seed, its data set, or the folder "
+                             "holding its runs_<DATASET>/ (default: run)")
     args = parser.parse_args(argv)
     lines = [["run", "row", *DETECTOR_ORDER, "mean AUC", "success", "λ"]]
     bases_shown = set()
@@ -196,7 +197,8 @@ def main(argv=None) -> str:
         run_dir = Path(path).resolve().parents[2]
         label = {"run": f"{run_dir.parent.name}/{run_dir.name}",
                  "seed": f"seed {record.get('settings', {}).get('seed', '?')}",
-                 "dataset": f"{results['dataset']} {results['arch']} {results['attack']}"}[args.label]
+                 "dataset": f"{results['dataset']} {results['arch']} {results['attack']}",
+                 "root": run_dir.parents[1].name}[args.label]
         # The base row of the same run, attack and images is shown once.
         base_key = (str(run_dir), results["attack"], results["n_eval"], results["detector_attack"])
         lines += summary_rows(results, label, with_base=base_key not in bases_shown)

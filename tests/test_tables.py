@@ -140,3 +140,12 @@ def test_tables_defaults_old_files_and_bad_paths(tmp_path, monkeypatch):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "no/such/runs" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_report_cli_labels_rows_by_the_folder_holding_the_runs(tmp_path, capsys):
+    fd0 = write(tmp_path / "fd0", 0, "auto", 0.0)
+    fd1 = write(tmp_path / "fd1", 1, "auto", 0.02)
+    files = sorted(str(p) for root in (fd0, fd1) for p in root.rglob("results.json"))
+    table = report.main(["--label", "root", *files])
+    labels = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| fd")]
+    assert labels == ["fd0", "fd0", "fd1", "fd1"]  # base and HFC rows of each root
