@@ -333,6 +333,24 @@ class Mixtures:
         return folder
 
 
+def stacked_layer(mixtures: "Mixtures", layer: int, np_dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One layer's mixtures of every class stacked for batched scoring: means classes×M×C, precision
+    factors classes×M×C×C, and per component log prior + log det of its factor (classes×M). A class
+    with fewer components is padded with components whose constant is −inf (never chosen)."""
+    group = [mixtures[(layer, c)] for c in mixtures.classes]
+    M = max(p.n_components for p in group)
+    C = group[0].means.shape[1]
+    means = np.zeros((len(group), M, C), np_dtype)
+    chol = np.zeros((len(group), M, C, C), np_dtype)
+    const = np.full((len(group), M), -np.inf)
+    for c, p in enumerate(group):
+        m = p.n_components
+        means[c, :m] = p.means
+        chol[c, :m] = p.prec_chol
+        const[c, :m] = p.log_prior + np.log(np.diagonal(p.prec_chol, axis1=1, axis2=2)).sum(1)
+    return means, chol, const
+
+
 def load_mixtures(folder: str | Path, hint: str = "run get_GMM.py first") -> Mixtures:
     """Read a folder written by ``Mixtures.save``; ``scales`` is None for a file without them."""
     folder = Path(folder)

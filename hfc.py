@@ -104,17 +104,7 @@ class HFCTerm(nn.Module):
         self._moved = device is not None
         np_dtype = torch.empty(0, dtype=dtype).numpy().dtype  # stack in the final dtype: half the memory
         for i, layer in enumerate(self.layers):
-            group = [mixtures[(layer, c)] for c in mixtures.classes]
-            M = max(p.n_components for p in group)
-            C = group[0].means.shape[1]
-            means = np.zeros((self.num_classes, M, C), np_dtype)
-            chol = np.zeros((self.num_classes, M, C, C), np_dtype)
-            const = np.full((self.num_classes, M), -np.inf)
-            for c, p in enumerate(group):
-                m = p.n_components
-                means[c, :m] = p.means
-                chol[c, :m] = p.prec_chol
-                const[c, :m] = p.log_prior + np.log(np.diagonal(p.prec_chol, axis1=1, axis2=2)).sum(1)
+            means, chol, const = gmm.stacked_layer(mixtures, layer, np_dtype)
             self.register_buffer(f"means_{i}", torch.from_numpy(means).to(device))
             self.register_buffer(f"chol_{i}", torch.from_numpy(chol).to(device))
             self.register_buffer(f"const_{i}", torch.as_tensor(const, dtype=dtype, device=device))

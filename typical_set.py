@@ -65,18 +65,9 @@ class TypicalSetTerm(nn.Module):
         self._moved = device is not None
         np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
         for i, layer in enumerate(self.ts_layers):
-            group = [mixtures[(layer, c)] for c in mixtures.classes]
-            M = max(p.n_components for p in group)
-            C = group[0].means.shape[1]
-            means = np.zeros((self.num_classes, M, C), np_dtype)
-            chol = np.zeros((self.num_classes, M, C, C), np_dtype)
-            const = np.full((self.num_classes, M), -np.inf)  # a padded component never counts
-            for c, p in enumerate(group):
-                m = p.n_components
-                means[c, :m] = p.means
-                chol[c, :m] = p.prec_chol
-                const[c, :m] = (p.log_prior + np.log(np.diagonal(p.prec_chol, axis1=1, axis2=2)).sum(1)
-                                - 0.5 * C * math.log(2 * math.pi))
+            means, chol, const = gmm.stacked_layer(mixtures, layer, np_dtype)
+            # The log-likelihood needs the Gaussian's normalising constant too (the HFC term does not).
+            const = const - 0.5 * means.shape[2] * math.log(2 * math.pi)
             self.register_buffer(f"means_{i}", torch.from_numpy(means).to(device))
             self.register_buffer(f"chol_{i}", torch.from_numpy(chol).to(device))
             self.register_buffer(f"const_{i}", torch.as_tensor(const, dtype=dtype, device=device))
