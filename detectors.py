@@ -630,7 +630,7 @@ class MAHA(LayerDetector):
         model.eval()
         means = {i: torch.from_numpy(self.means_[i]).to(device) for i in self.layers_}
         precisions = {i: torch.from_numpy(self.precisions_[i]).to(device) for i in self.layers_}
-        out = np.empty((len(feats), len(self.layers_)))
+        moved_features = {layer: [] for layer in self.layers_}
         for part in tqdm(list(batches(len(feats), self.batch_size)), desc="MAHA pre-processing", leave=False):
             x = feats.images[part].to(device).requires_grad_(True)
             with torch.enable_grad():
@@ -644,9 +644,13 @@ class MAHA(LayerDetector):
                     (grad,) = torch.autograd.grad(loss, x, retain_graph=column < len(self.layers_) - 1)
                     moved = x.detach() - self.magnitude * grad.sign()
                     with torch.no_grad():
-                        feature = network.pooled(model.forward_to(moved, layer))
-                    out[part, column] = self._distance(layer, feature.float().cpu().numpy())
-        return out
+                        moved_features[layer].append(network.pooled(model.forward_to(moved, layer)).float().cpu())
+        # The distances once, after the loop: a NumPy BLAS call between the network's passes
+        # leaves its threads competing with torch's and made every pass about twice as slow.
+        if not len(feats):
+            return np.empty((0, len(self.layers_)))
+        return np.stack([self._distance(layer, torch.cat(moved_features[layer]).numpy())
+                         for layer in self.layers_], axis=1)
 
     def combine(self, layer_scores):
         return self.logistic_.decision(layer_scores)

@@ -172,6 +172,10 @@ def prepare_runtime(device_flag: str | None, seed: int, threads: int | None = No
     """The common start of every stage: CPU threads, the device, deterministic cuDNN, the seed."""
     if threads:
         torch.set_num_threads(threads)
+    # A trained network's activations and gradients hold subnormal floats, which x86 CPUs
+    # compute on slowly: flushing them to zero made every stage that runs the model about a
+    # quarter faster (the README's timings), with the same printed results.
+    torch.set_flush_denormal(True)
     device = get_device(device_flag)
     if device.type == "cuda":
         # Same seed -> same arrays: no autotuned (possibly non-deterministic) conv algorithms.
