@@ -77,18 +77,9 @@ STAGE = "arms_race"
 
 
 @dataclass
-class Config(cli.RunConfig):
-    attack: str = cli.flag("I_FGSM_Linf_1", "base attack: its AE set defines A, its detectors are the fixed defender")
-    noise: str = cli.flag("Noise_Linf_2", "benign noisy set")
-    num_component: int = cli.flag(gmm.DEFAULT_NUM_COMPONENTS, "the attacker's mixture components M (gmm_M<y>/)",
-                                  short="-y", check=cli.at_least(1))
+class Config(gmm_attack.TermAttackConfig):
     lamda: str = cli.flag("auto", "λ of the HFC and typical-set terms, or 'auto': each its own, chosen on A_fit "
                                   "by HFC's rule", check=gmm_attack.lamda_value)
-    lamda_grid: str = cli.flag(",".join(f"{v:g}" for v in hfc.DEFAULT_LAMBDA_GRID),
-                               "candidates for --lamda auto, tried from the largest", check=gmm_attack.grid_value)
-    min_success: float = cli.flag(hfc.DEFAULT_MIN_SUCCESS, "success on A_fit that --lamda auto requires",
-                                  check=cli.in_range(0, 1))
-    tune_images: int = cli.flag(16, "A_fit images attacked per λ candidate with --lamda auto", check=cli.at_least(1))
     step_size: float | None = cli.flag(None, "step α in units of 1/256 (default: HFC's, hfc.hfc_schedule)",
                                        check=cli.positive)
     steps: int | None = cli.flag(None, "number of steps T (default: 2ε/α)", check=cli.at_least(1))
@@ -115,11 +106,6 @@ class Config(cli.RunConfig):
                                      check=cli.at_least(2))
     batch_size: int = cli.flag(32, "attack and feature batch size", short="-b", check=cli.at_least(1))
 
-    def __post_init__(self):
-        super().__post_init__()
-        if gmm_attack.lamda_value(self.lamda) is None:
-            self.lamda = hfc.lamda_text(self.lamda)
-
     def kappa_value(self) -> float | None:
         return gmm_attack.DEFAULT_KAPPA if self.kappa is None and self.class_loss == "margin" else self.kappa
 
@@ -129,8 +115,7 @@ class Config(cli.RunConfig):
         return gmm_attack.Config(
             arch=self.arch, name=self.name, dataset=self.dataset, seed=self.seed, device=self.device,
             threads=self.threads, attack=self.attack, noise=self.noise, num_component=self.num_component,
-            lamda=self.lamda, lamda_grid=self.lamda_grid, min_success=self.min_success,
-            tune_images=self.tune_images, step_size=self.step_size, steps=self.steps, term=self.term,
+            **self.lamda_search(), step_size=self.step_size, steps=self.steps, term=self.term,
             class_loss=self.class_loss, kappa=self.kappa, limit=self.limit, batch_size=self.batch_size)
 
     def typ_params(self) -> dict[str, Any]:
@@ -311,9 +296,8 @@ class _Stage:
 
     def eval_piece(self, attacker: str) -> Piece:
         config = self.config
-        settings = {**self.common(f"{attacker}_eval"), **self.engine(), "lamda": config.lamda,
-                    "lamda_grid": config.lamda_grid, "min_success": config.min_success,
-                    "tune_images": config.tune_images, "limit": config.limit}
+        settings = {**self.common(f"{attacker}_eval"), **self.engine(), **config.lamda_search(),
+                    "limit": config.limit}
         if attacker == TS:
             settings.update(with_hfc=config.with_hfc, ts_term=config.ts_term)
         return Piece(self.out / f"{attacker}_eval", settings, self.attacker_inputs())
@@ -373,7 +357,7 @@ class _Stage:
         trials, rule, tune_seconds = [], "given", 0.0
         if config.lamda == "auto":
             started = time.perf_counter()
-            grid = [float(v) for v in config.lamda_grid.split(",") if v.strip()]
+            grid = config.lamda_candidates()
             tqdm.write(f"{attacker}: choosing λ on {len(self.tune_pos)} A_fit images (grid {grid}, "
                        f"success ≥ {config.min_success:.0%})")
             lam, trials, rule = hfc.choose_lambda(self.model, term, torch.from_numpy(base["clean"][self.tune_pos]),

@@ -74,18 +74,9 @@ def rows_value(text: str) -> str | None:
 
 
 @dataclass
-class Config(cli.RunConfig):
-    attack: str = cli.flag("I_FGSM_Linf_1", "base attack: its AE set defines A, its detectors score every row")
-    noise: str = cli.flag("Noise_Linf_2", "benign noisy set")
-    num_component: int = cli.flag(gmm.DEFAULT_NUM_COMPONENTS, "mixture components M of the HFC row (gmm_M<y>/)",
-                                  short="-y", check=cli.at_least(1))
+class Config(gmm_attack.TermAttackConfig):
     lamda: str = cli.flag("auto", "λ of every term row, or 'auto': each row's own, chosen on A_fit by HFC's rule",
                           check=gmm_attack.lamda_value)
-    lamda_grid: str = cli.flag(",".join(f"{v:g}" for v in hfc.DEFAULT_LAMBDA_GRID),
-                               "candidates for --lamda auto, tried from the largest", check=gmm_attack.grid_value)
-    min_success: float = cli.flag(hfc.DEFAULT_MIN_SUCCESS, "success on A_fit that --lamda auto requires",
-                                  check=cli.in_range(0, 1))
-    tune_images: int = cli.flag(16, "A_fit images attacked per λ candidate with --lamda auto", check=cli.at_least(1))
     rows: str = cli.flag(",".join(ROWS), "comma list of rows to compute or reuse", check=rows_value)
     step_size: float | None = cli.flag(None, "step α in units of 1/256 (default: HFC's, hfc.hfc_schedule)",
                                        check=cli.positive)
@@ -100,11 +91,6 @@ class Config(cli.RunConfig):
     limit: int | None = cli.flag(None, "attack only the first N images of A_eval", check=cli.at_least(2))
     batch_size: int = cli.flag(32, "attack batch size", short="-b", check=cli.at_least(1))
 
-    def __post_init__(self):
-        super().__post_init__()
-        if gmm_attack.lamda_value(self.lamda) is None:
-            self.lamda = hfc.lamda_text(self.lamda)
-
     def rows_asked(self) -> list[str]:
         asked = {t.strip() for t in self.rows.split(",") if t.strip()}
         return [row for row in ROWS if row in asked]
@@ -114,8 +100,7 @@ class Config(cli.RunConfig):
         return gmm_attack.Config(
             arch=self.arch, name=self.name, dataset=self.dataset, seed=self.seed, device=self.device,
             threads=self.threads, attack=self.attack, noise=self.noise, num_component=self.num_component,
-            lamda=self.lamda, lamda_grid=self.lamda_grid, min_success=self.min_success,
-            tune_images=self.tune_images, step_size=self.step_size, steps=self.steps, term=self.term,
+            **self.lamda_search(), step_size=self.step_size, steps=self.steps, term=self.term,
             limit=self.limit, batch_size=self.batch_size)
 
 
@@ -135,8 +120,7 @@ def row_settings(config: Config, row: str, step_256: float, steps: int) -> dict:
     if row in OPGD_ROWS:
         settings.update(detector=OPGD_ROWS[row], opgd_rule=config.opgd_rule, threshold_tpr=opgd.TNR_TPR)
         return settings
-    settings.update(lamda=config.lamda, lamda_grid=config.lamda_grid, min_success=config.min_success,
-                    tune_images=config.tune_images, term=config.term)
+    settings.update(**config.lamda_search(), term=config.term)
     if row == "HFC":
         settings["num_component"] = config.num_component
     return settings
@@ -282,7 +266,7 @@ class _Stage:
             started = time.perf_counter()
             tune = self.tune_pos
             kwargs = dict(self.attack_kwargs)
-            grid = [float(v) for v in config.lamda_grid.split(",") if v.strip()]
+            grid = config.lamda_candidates()
             print(f"{row}: choosing λ on {len(tune)} A_fit images (grid {grid}, success ≥ {config.min_success:.0%})")
             binding = contextlib.nullcontext()
             if guides is not None:

@@ -61,19 +61,42 @@ def grid_value(text: str) -> str | None:
 
 
 @dataclass
-class Config(cli.RunConfig):
-    attack: str = cli.flag("I_FGSM_Linf_1", "base attack to augment with HFC; its AE set defines A")
-    detector: str | None = cli.flag(None, "attack whose fitted detectors score the result (default: --attack)")
+class TermAttackConfig(cli.RunConfig):
+    """The flags shared by every script that attacks A with a weighted term (this one, compare.py,
+    arms_race.py): the base attack that defines A, the benign noisy set, M, and the A_fit-only λ
+    rule (``hfc.choose_lambda``). A subclass re-declares ``lamda`` for its own default and help;
+    the field keeps its place."""
+    attack: str = cli.flag("I_FGSM_Linf_1", "base attack: its AE set defines A, its detectors score the result")
     noise: str = cli.flag("Noise_Linf_2", "benign noisy set")
     num_component: int = cli.flag(gmm.DEFAULT_NUM_COMPONENTS, "mixture components M: uses gmm_M<y>/ from get_GMM.py",
                                   short="-y", check=cli.at_least(1))
-    lamda: str = cli.flag("1", "weight λ of the HFC term, or 'auto' to choose it on A_fit (1 = the paper's)",
-                          check=lamda_value)
+    lamda: str = cli.flag("auto", "weight λ of the term, or 'auto' to choose it on A_fit", check=lamda_value)
     lamda_grid: str = cli.flag(",".join(f"{v:g}" for v in hfc.DEFAULT_LAMBDA_GRID),
                                "candidates for --lamda auto, tried from the largest", check=grid_value)
     min_success: float = cli.flag(hfc.DEFAULT_MIN_SUCCESS, "success on A_fit that --lamda auto requires",
                                   check=cli.in_range(0, 1))
     tune_images: int = cli.flag(16, "A_fit images attacked per λ candidate with --lamda auto", check=cli.at_least(1))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if lamda_value(self.lamda) is None:  # "1", "1.0" and "1e0" are one λ
+            self.lamda = hfc.lamda_text(self.lamda)
+
+    def lamda_candidates(self) -> list[float]:
+        """The grid of --lamda auto, as floats in the order given."""
+        return [float(v) for v in self.lamda_grid.split(",") if v.strip()]
+
+    def lamda_search(self) -> dict:
+        """The λ flags as keyword arguments: for composing a config, and for a record's settings."""
+        return dict(lamda=self.lamda, lamda_grid=self.lamda_grid, min_success=self.min_success,
+                    tune_images=self.tune_images)
+
+
+@dataclass
+class Config(TermAttackConfig):
+    lamda: str = cli.flag("1", "weight λ of the HFC term, or 'auto' to choose it on A_fit (1 = the paper's)",
+                          check=lamda_value)
+    detector: str | None = cli.flag(None, "attack whose fitted detectors score the result (default: --attack)")
     step_size: float | None = cli.flag(None, "step α in units of 1/256 (default: the paper's per data set and arch, "
                                              "APTOS/ResNet-50 0.025, CXR/ResNet-50 0.01, ...; elsewhere ε/10)",
                                        check=cli.positive)
@@ -91,11 +114,6 @@ class Config(cli.RunConfig):
                                          "CW's own otherwise)", check=cli.non_negative)
     limit: int | None = cli.flag(None, "attack only the first N images of A_eval", check=cli.at_least(2))
     batch_size: int = cli.flag(32, "attack batch size", short="-b", check=cli.at_least(1))
-
-    def __post_init__(self):
-        super().__post_init__()
-        if lamda_value(self.lamda) is None:  # "1", "1.0" and "1e0" are one λ
-            self.lamda = hfc.lamda_text(self.lamda)
 
     def results_dir(self, run: runs.Run) -> Path:
         """``<ATTACK>/hfc_<key>``: M and λ as asked, plus every key setting that differs from its default."""
@@ -134,7 +152,7 @@ def run(config: Config) -> dict:
         raise utils.UserError(f"--attack must be an attack, not the noise set {spec.name}")
     detector_attack = attacks.parse_attack(config.detector or config.attack).name
     noise = attacks.parse_attack(config.noise).name
-    grid = [float(v) for v in config.lamda_grid.split(",") if v.strip()]
+    grid = config.lamda_candidates()
     lam = None if config.lamda.lower() == "auto" else float(config.lamda)
     run_ = runs.Run.of(config)
     device = utils.prepare_runtime(config.device, config.seed, config.threads)

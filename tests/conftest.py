@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny trained synthetic run that the later stages' tests build on."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -20,6 +21,18 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def moved_aside(path: Path, parking: Path):
+    """``path`` is absent inside the block (parked under ``parking``) and back after it, even when the
+    block fails: for testing a stage's error when an input artifact is missing."""
+    parked = parking / f"parked_{path.name}"
+    path.rename(parked)
+    try:
+        yield
+    finally:
+        parked.rename(path)
 
 
 # The tiny run's training settings (train.Config fields): reproduce.py composed with these finds

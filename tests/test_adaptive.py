@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import moved_aside
+from test_hfc import ATTACK, pipeline  # noqa: F401 - the tiny run with its base attack, detectors and M = 2 mixtures
 
 import adaptive
 import aesets
@@ -22,7 +24,6 @@ import detectors
 import gmm_attack
 import hfc
 from features import FeatureSet
-from test_hfc import ATTACK, pipeline  # noqa: F401 - the tiny run with its base attack, detectors and M = 2 mixtures
 from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,11 +270,7 @@ def test_compare_errors_are_one_line_and_overwrite_nothing(pipeline, tmp_path, m
     with pytest.raises(UserError, match="get_GMM.py"):
         compare.main(COMMON[:-6] + ["-y", "5", "--rows", "base,HFC"])
     fitted_dir = pipeline / "runs_synthetic" / "resnet18" / ATTACK / "detectors"
-    fitted_dir.rename(tmp_path / "detectors")
-    try:
-        with pytest.raises(UserError, match="extract_features.py"):
-            compare.main(COMMON)
-    finally:
-        (tmp_path / "detectors").rename(fitted_dir)
+    with moved_aside(fitted_dir, tmp_path), pytest.raises(UserError, match="extract_features.py"):
+        compare.main(COMMON)
     after = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else {}
     assert after == before

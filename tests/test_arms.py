@@ -9,7 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_detectors
 import torch
+from conftest import moved_aside
+from test_hfc import ATTACK, pipeline  # noqa: F401 - the tiny run with its base attack, detectors and M = 2 mixtures
 
 import aesets
 import arms_race
@@ -19,10 +22,8 @@ import features
 import gmm
 import gmm_attack
 import hfc
-import test_detectors
 import typical_set
 from features import FeatureSet
-from test_hfc import ATTACK, pipeline  # noqa: F401 - the tiny run with its base attack, detectors and M = 2 mixtures
 from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,11 +242,7 @@ def test_arms_race_refuses_bad_input_in_one_line(pipeline, tmp_path, monkeypatch
         with pytest.raises(UserError, match=message):
             arms_race.main(ARMS + extra)
     fitted_dir = pipeline / "runs_synthetic" / "resnet18" / ATTACK / "detectors"
-    fitted_dir.rename(tmp_path / "detectors")
-    try:
-        with pytest.raises(UserError, match="extract_features.py"):
-            arms_race.main(ARMS)
-    finally:
-        (tmp_path / "detectors").rename(fitted_dir)
+    with moved_aside(fitted_dir, tmp_path), pytest.raises(UserError, match="extract_features.py"):
+        arms_race.main(ARMS)
     after = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else {}
     assert after == before
