@@ -316,6 +316,12 @@ def test_maha_preprocessing_decreases_the_distance(tiny):
     before, after = raw.layer_scores(model, benign), moved.layer_scores(model, benign)
     assert before.shape == after.shape == (len(benign), 4)
     assert (after < before).mean() > 0.9
+    # The distances are computed after the batch loop: each image's row must not depend on the
+    # batch it was pre-processed in, nor on the images around it.
+    moved.batch_size = 7
+    np.testing.assert_allclose(moved.layer_scores(model, benign), after, rtol=1e-5)
+    np.testing.assert_allclose(moved.layer_scores(model, benign.subset(np.arange(3, 9))), after[3:9], rtol=1e-5)
+    assert moved.layer_scores(model, benign.subset(np.arange(0))).shape == (0, 4)
 
 
 def test_all_detectors_save_load_score_identically(tiny, tmp_path):
