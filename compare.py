@@ -84,7 +84,9 @@ class Config(gmm_attack.TermAttackConfig):
     term: str = cli.flag(gmm_attack.DEFAULT_TERM, "paper: each term in its own form; normalised: each layer's "
                                                   "value divided by its median on held-out clean images of the "
                                                   "target class (the run's validation images; HFC: get_GMM.py's "
-                                                  "scales), averaged over layers", choices=tuple(hfc.TERMS))
+                                                  "scales), averaged over layers; hinged: normalised, and HFC's "
+                                                  "layers stop pulling at the clean median (the other terms "
+                                                  "take the normalised form)", choices=tuple(hfc.TERMS))
     opgd_rule: str = cli.flag("success", "orthogonal PGD rows: the images that take a detector step -- success: "
                                          "those classified as their target (Bryniarski et al.), flagged: those "
                                          "above the detector's TNR@90 threshold", choices=attacks.ORTHOGONAL_RULES)
@@ -149,7 +151,7 @@ class _Stage:
         self.mixtures = None
         if "HFC" in self.rows:
             self.mixtures = evaluation.load_fresh_mixtures(self.run, config.num_component,
-                                                           need_scales=config.term == "normalised")
+                                                           need_scales=hfc.TERMS[config.term]["normalise"])
         self.step_256, self.steps = hfc.hfc_schedule(self.run.dataset, config.arch, self.spec.eps_256,
                                                      config.step_size, config.steps)
         eval_pos = self.sets["eval"]
@@ -200,7 +202,7 @@ class _Stage:
 
     # -- the terms
     def term(self, row: str):
-        normalise = self.config.term == "normalised"
+        normalise = hfc.TERMS[self.config.term]["normalise"]
         where = dict(device=self.device, normalise=normalise)
         if row == "HFC":
             return hfc.HFCTerm(self.mixtures, device=self.device, **hfc.TERMS[self.config.term])

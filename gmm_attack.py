@@ -104,9 +104,11 @@ class Config(TermAttackConfig):
     last_iterate: bool = cli.flag(False, "return every image's last iterate, as the base attacks do (default: an "
                                          "image whose last iterate misses the target keeps its latest iterate "
                                          "that hit it)")
-    term: str = cli.flag(DEFAULT_TERM, "form of the HFC term: paper (the sum over layers of ‖(f − μ)L‖²/C) or "
+    term: str = cli.flag(DEFAULT_TERM, "form of the HFC term: paper (the sum over layers of ‖(f − μ)L‖²/C), "
                                        "normalised (each layer divided by its held-out clean median from "
-                                       "get_GMM.py, averaged over layers)", choices=tuple(hfc.TERMS))
+                                       "get_GMM.py, averaged over layers) or hinged (normalised, each layer "
+                                       "max(term − 1, 0): no pull once as typical as the median clean image)",
+                         choices=tuple(hfc.TERMS))
     class_loss: str = cli.flag(DEFAULT_CLASS_LOSS, "classification loss beside the term: base (the method's own: "
                                "CE, or CW's margin) or margin (max_j≠t z_j − z_t clamped at −κ: once the target "
                                "leads by κ only the term acts)", choices=hfc.CLASS_LOSSES)
@@ -159,7 +161,7 @@ def run(config: Config) -> dict:
     model, _ = saver.load_model(run_.checkpoint, device, arch=config.arch, hint=run_.hint("train"))
     sets = evaluation.load_protocol_sets(run_, spec.name, noise)
     fitted = evaluation.load_fresh_detectors(run_, detector_attack)
-    mixtures = evaluation.load_fresh_mixtures(run_, config.num_component, need_scales=config.term == "normalised")
+    mixtures = evaluation.load_fresh_mixtures(run_, config.num_component, need_scales=hfc.TERMS[config.term]["normalise"])
     term = hfc.HFCTerm(mixtures, device=device, **hfc.TERMS[config.term])
     step_256, steps = hfc.hfc_schedule(run_.dataset, config.arch, spec.eps_256, config.step_size, config.steps)
     base = sets["base"]

@@ -18,9 +18,13 @@ from utils import UserError
 PAPER_STEP_256 = {("APTOS", "resnet50"): 0.025, ("APTOS", "vgg16"): 0.1,
                   ("CXR", "resnet50"): 0.01, ("CXR", "vgg16"): 0.04}
 # Elsewhere (the synthetic set, the small CPU archs): ε/10 per step, i.e. T = 20.
-# The term's forms: the paper's (Σ over layers of ‖(f − μ_k*) L_k*‖²/C) and the normalised one
-# (each layer divided by its held-out clean median, averaged over layers; see HFCTerm).
-TERMS = {"paper": {"normalise": False, "reduce": "sum"}, "normalised": {"normalise": True, "reduce": "mean"}}
+# The term's forms: the paper's (Σ over layers of ‖(f − μ_k*) L_k*‖²/C), the normalised one
+# (each layer divided by its held-out clean median, averaged over layers; see HFCTerm), and the
+# hinged one: normalised, and a layer stops pulling once it scores like the median clean image
+# (max(term − 1, 0)), since features pulled further are *more* typical than clean ones, which
+# MAHA's combination of layers flags.
+TERMS = {"paper": {"normalise": False, "reduce": "sum"}, "normalised": {"normalise": True, "reduce": "mean"},
+         "hinged": {"normalise": True, "reduce": "mean", "floor": 1.0}}
 # The classification loss the HFC attack minimises with the term: the base method's own (CE, or
 # CW's margin for CW), or the margin clamped at κ for any method.
 CLASS_LOSSES = ("base", "margin")
@@ -75,13 +79,15 @@ class HFCTerm(nn.Module):
     scale of (layer, t) (``term_scales``: a held-out clean image of t then scores about 1 per
     layer); the mixtures must carry scales (get_GMM.py fits them). ``reduce``: "sum" adds the
     per-layer terms, "mean" averages them over the layers. The paper's term is
-    ``normalise=False, reduce="sum"`` (the default).
+    ``normalise=False, reduce="sum"`` (the default). ``floor`` (with ``normalise``): each
+    normalised layer term becomes max(term − floor, 0), so a layer already as typical as a clean
+    image at that quantile exerts no pull.
     """
 
     def __init__(self, mixtures: gmm.Mixtures, layers: Sequence[int] | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
                  panel_width: int | None = None, backward: str | None = None,
-                 normalise: bool = False, reduce: str = "sum"):
+                 normalise: bool = False, reduce: str = "sum", floor: float | None = None):
         super().__init__()
         self.layers = list(mixtures.layers if layers is None else layers)
         unknown = [l for l in self.layers if l not in mixtures.layers]
@@ -96,7 +102,10 @@ class HFCTerm(nn.Module):
         if normalise and not mixtures.scales:
             raise UserError("these mixtures carry no held-out term scales, which the normalised HFC term "
                             "needs; re-run get_GMM.py (it measures them on the run's validation images)")
+        if floor is not None and not normalise:
+            raise ValueError("floor applies to the normalised term only")
         self.normalise = bool(normalise)
+        self.floor = floor
         self.reduce = reduce
         self.num_classes = len(mixtures.classes)
         self.panel_width = panel_width  # None: 64 on the CPU, full width on CUDA
@@ -171,10 +180,12 @@ class HFCTerm(nn.Module):
 
     def layer_values(self, features: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         """B×n_layers per-layer terms as the attack uses them: ``layer_terms``, divided by the
-        held-out scale of (layer, target) with ``normalise``."""
+        held-out scale of (layer, target) with ``normalise``, less ``floor`` and clamped at 0."""
         terms, _ = self.layer_terms(features, targets)
         if self.normalise:
             terms = terms / self.scales.index_select(0, targets.to(self.scales.device, torch.long))
+        if self.floor is not None:
+            terms = (terms - self.floor).clamp_min(0.0)
         return terms
 
     def forward(self, logits: torch.Tensor, features: Sequence[torch.Tensor],

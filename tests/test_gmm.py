@@ -263,6 +263,30 @@ def test_normalised_mean_term_gradient(scaled, backward):
     assert torch.autograd.gradcheck(lambda a, b: term(None, [a, b], targets), feats)
 
 
+def test_hinged_term_stops_pulling_at_the_clean_median(scaled):
+    mixtures, feats, labels = scaled
+    normalised = hfc.HFCTerm(mixtures, dtype=torch.float64, **hfc.TERMS["normalised"])
+    hinged = hfc.HFCTerm(mixtures, dtype=torch.float64, **hfc.TERMS["hinged"])
+    inputs = [torch.tensor(f, requires_grad=True) for f in feats]
+    targets = torch.tensor(labels)
+    plain = normalised.layer_values(inputs, targets)
+    clamped = hinged.layer_values(inputs, targets)
+    torch.testing.assert_close(clamped, (plain - 1.0).clamp_min(0.0))
+    below = plain.detach() <= 1.0
+    assert below.any() and (~below).any()  # the scale images straddle their own median
+    # A layer at or under the clean median has no gradient; one above pulls as the normalised term.
+    for layer_column, layer in enumerate(mixtures.layers):
+        for row in range(len(labels)):
+            (grad,) = torch.autograd.grad(clamped[row, layer_column], inputs[layer], retain_graph=True)
+            (reference,) = torch.autograd.grad(plain[row, layer_column], inputs[layer], retain_graph=True)
+            if below[row, layer_column]:
+                assert not grad.any()
+            else:
+                torch.testing.assert_close(grad, reference)
+    with pytest.raises(ValueError, match="floor"):
+        hfc.HFCTerm(mixtures, floor=1.0)
+
+
 def test_scales_save_load_and_required(scaled, fitted, tmp_path):
     mixtures, _, _ = scaled
     mixtures.save(tmp_path / "with")
