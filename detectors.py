@@ -646,7 +646,7 @@ class MAHA(LayerDetector):
                     with torch.no_grad():
                         moved_features[layer].append(network.pooled(model.forward_to(moved, layer)).float().cpu())
         # The distances once, after the loop: a NumPy BLAS call between the network's passes
-        # leaves its threads competing with torch's and made every pass about twice as slow.
+        # leaves its threads competing with torch's for the cores (README: Time).
         if not len(feats):
             return np.empty((0, len(self.layers_)))
         return np.stack([self._distance(layer, torch.cat(moved_features[layer]).numpy())

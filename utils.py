@@ -173,8 +173,7 @@ def prepare_runtime(device_flag: str | None, seed: int, threads: int | None = No
     if threads:
         torch.set_num_threads(threads)
     # A trained network's activations and gradients hold subnormal floats, which x86 CPUs
-    # compute on slowly: flushing them to zero made every stage that runs the model about a
-    # quarter faster (the README's timings), with the same printed results.
+    # compute on slowly; flushing them to zero left the printed results unchanged (README: Time).
     torch.set_flush_denormal(True)
     device = get_device(device_flag)
     if device.type == "cuda":
