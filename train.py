@@ -43,8 +43,8 @@ class Config(cli.RunConfig):
     synthetic_train: int = cli.flag(datasets.SYNTHETIC_TRAIN, "synthetic training-pool size; validation is "
                                     "carved from it", check=cli.at_least(2))
     synthetic_test: int = cli.flag(datasets.SYNTHETIC_TEST, "synthetic test-set size", check=cli.at_least(2))
-    batch_size: int | None = cli.flag(None, "batch size (default: 64 on a GPU, 16 on a CPU, where more steps per "
-                                            "epoch pay off)", short="-b", check=cli.at_least(2))
+    batch_size: int | None = cli.flag(None, "batch size (default: the data set's, 16 for synthetic; else 64 on a "
+                                            "GPU, 16 on a CPU, where more steps per epoch pay off)", short="-b", check=cli.at_least(2))
     lr: float = cli.flag(3e-4, "Adam learning rate", check=cli.positive)
     weight_decay: float = cli.flag(1e-4, "Adam weight decay", check=cli.non_negative)
     lr_schedule: str | None = cli.flag(None, "plateau (halve the rate after 2 epochs without a lower validation "
@@ -74,7 +74,7 @@ def run(config: Config) -> dict:
     run_ = runs.Run.of(config)
     device = utils.prepare_runtime(config.device, config.seed, config.threads)
     epochs = config.epochs if config.epochs is not None else datasets.get(dataset).epochs
-    batch_size = config.batch_size or (64 if device.type == "cuda" else 16)
+    batch_size = config.batch_size or datasets.get(dataset).batch_size or (64 if device.type == "cuda" else 16)
     cap = config.max_train_per_class if config.max_train_per_class is not None \
         else datasets.get(dataset).max_train_per_class
 
