@@ -12,6 +12,7 @@ feature-space picture of one layer.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,45 +95,84 @@ def main(argv=None) -> dict:
     return run(Config.from_argv(argv))
 
 
-def run(config: Config, stage_overrides: dict[str, dict] | None = None) -> dict:
-    """Every stage whose artifacts are not up to date, then the report; returns the report summary.
+@dataclass
+class Stage:
+    """One stage of a run: its script's config, the summary that records it, the artifacts it reads."""
+    name: str
+    config: cli.RunConfig
+    summary: Path
+    inputs: dict
+    call: Callable[[cli.RunConfig], dict]
+
+    def is_done(self) -> bool:
+        """Made with these settings from the current versions of its inputs (its record says so)."""
+        return runs.is_done(self.summary, self.config.settings(), self.inputs)
+
+
+def plan(config: Config, stage_overrides: dict[str, dict] | None = None,
+         detector_attack: str | None = None) -> list[Stage]:
+    """The stages of ``config``'s main job, in order: train, the base attack, the detectors, the
+    mixtures, HFC. With ``detector_attack`` (another base attack) its AEs are made and its
+    detectors fitted too, and they score the HFC row of ``config.attack`` (the papers' main table:
+    every attack scored by detectors fitted on one).
 
     ``stage_overrides`` ({stage: {field: value}}) changes settings of the composed stage configs
     that the main job has no flag for (a grid or a test composes them this way)."""
     spec = attacks.parse_attack(config.attack)
     if spec.method == "Noise":
         raise utils.UserError(f"--attack must be an attack, not the noise set {spec.name}")
+    detector = attacks.parse_attack(detector_attack or spec.name).name
     run_ = runs.Run.of(config)
     configs = config.stage_configs()
+    if detector != spec.name:
+        configs["detector_attack"] = configs["attack"].replace(attack=detector)
+        configs["detectors"] = configs["detectors"].replace(attack=detector)
+        configs["hfc"] = configs["hfc"].replace(detector=detector)
     for name, changes in (stage_overrides or {}).items():
         if name not in configs:
             raise utils.UserError(f"unknown stage {name!r}; stages: {', '.join(configs)}")
         configs[name] = configs[name].replace(**changes)
-    hfc_dir = configs["hfc"].results_dir(run_)
     noise = configs["detectors"].noise
-    seconds: dict[str, float] = {}
-
-    def stage(name: str, summary: Path, inputs: dict, call) -> None:
-        if not config.force and runs.is_done(summary, configs[name].settings(), inputs):
-            print(f"== {name}: up to date, skipped (--force to redo)")
-            return
-        print(f"== {name}")
-        start = time.perf_counter()
-        call(configs[name])
-        seconds[name] = time.perf_counter() - start
-
     checkpoint = {"checkpoint": run_.checkpoint}
-    attack_set = run_.ae_dir(spec.name) / aesets.AE_FILE
-    stage("train", run_.train_summary, {}, train.run)
-    stage("attack", run_.ae_dir(spec.name) / aesets.SUMMARY_FILE, {**checkpoint, "split": run_.split},
-          gen_base_adv.run)
-    stage("detectors", run_.detectors_dir(spec.name) / runs.SUMMARY,
-          {**checkpoint, "attack_set": attack_set, "noise_set": run_.ae_dir(noise) / aesets.AE_FILE},
-          extract_features.run)
-    stage("mixtures", run_.mixtures_dir(config.num_component) / runs.SUMMARY, checkpoint, get_GMM.run)
-    stage("hfc", hfc_dir / runs.RESULTS,
-          gmm_attack.stage_inputs(run_, spec.name, spec.name, noise, config.num_component), gmm_attack.run)
 
+    def base_attack(name: str, attack: str) -> Stage:
+        return Stage(name, configs[name], run_.ae_dir(attack) / aesets.SUMMARY_FILE,
+                     {**checkpoint, "split": run_.split}, gen_base_adv.run)
+
+    stages = [Stage("train", configs["train"], run_.train_summary, {}, train.run), base_attack("attack", spec.name)]
+    if detector != spec.name:
+        stages.append(base_attack("detector_attack", detector))
+    stages += [
+        Stage("detectors", configs["detectors"], run_.detectors_dir(detector) / runs.SUMMARY,
+              {**checkpoint, "attack_set": run_.ae_dir(detector) / aesets.AE_FILE,
+               "noise_set": run_.ae_dir(noise) / aesets.AE_FILE}, extract_features.run),
+        Stage("mixtures", configs["mixtures"], run_.mixtures_dir(configs["mixtures"].num_component) / runs.SUMMARY,
+              checkpoint, get_GMM.run),
+        Stage("hfc", configs["hfc"], configs["hfc"].results_dir(run_) / runs.RESULTS,
+              gmm_attack.stage_inputs(run_, spec.name, detector, noise, configs["hfc"].num_component),
+              gmm_attack.run),
+    ]
+    return stages
+
+
+def run(config: Config, stage_overrides: dict[str, dict] | None = None) -> dict:
+    """Every stage whose artifacts are not up to date, then the report; returns the report summary.
+
+    ``stage_overrides``: as for ``plan``."""
+    spec = attacks.parse_attack(config.attack)
+    stages = plan(config, stage_overrides)
+    run_ = runs.Run.of(config)
+    seconds: dict[str, float] = {}
+    for stage in stages:
+        if not config.force and stage.is_done():
+            print(f"== {stage.name}: up to date, skipped (--force to redo)")
+            continue
+        print(f"== {stage.name}")
+        start = time.perf_counter()
+        stage.call(stage.config)
+        seconds[stage.name] = time.perf_counter() - start
+
+    hfc_dir = stages[-1].summary.parent
     results_file = hfc_dir / runs.RESULTS
     results = utils.read_json(results_file, "HFC results")
     out = run_.report_dir
