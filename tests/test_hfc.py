@@ -160,6 +160,31 @@ def test_lambda_zero_is_the_base_attack_and_lambda_pulls_features_in(pipeline):
     assert (hidden - clean).abs().max() <= spec.eps + 1e-6
 
 
+def test_fast_lambda_search_picks_what_trying_every_lambda_in_full_picks(pipeline):
+    """The λ search (largest first, bisection, each trial stopped once every image has hit) on a real
+    tiny model gives the λ of the plain rule: every grid value attacked for all its steps, the
+    largest whose success reaches the bar taken."""
+    run, model, mixtures, clean, targets, base = _eval_images(pipeline, n=12)
+    spec = attacks.parse_attack(ATTACK)
+    term = hfc.HFCTerm(mixtures)
+    kwargs = dict(step_size_256=0.8, steps=10, seed=0, batch_size=12, device="cpu")
+    grid = [100.0, 10.0, 1.0, 0.1, 0.01]
+    full = {lam: float(hfc.hfc_attack(model, term, clean, targets, spec, lam=lam, progress=False,
+                                      **kwargs)[1].float().mean())
+            for lam in grid + [0.0]}
+    for min_success in (0.95, 0.6):
+        bar = min(min_success, full[0.0])
+        passing = [lam for lam in grid if full[lam] >= bar]
+        lam, trials, _ = hfc.choose_lambda(model, term, clean, targets, spec, grid=grid, min_success=min_success,
+                                           refine=False, **kwargs)
+        if passing:
+            assert lam == max(passing), (full, trials)
+        assert len(trials) <= len(grid) + 1
+        for trial in trials:  # a trial's success is the full run's (early stopping changes no count)
+            assert trial["fit_success"] == pytest.approx(full[trial["lamda"]])
+    assert len({v for v in full.values()}) > 1, f"the grid must span passing and failing λ: {full}"
+
+
 def test_normalised_term_with_the_cw_loss(pipeline, monkeypatch):
     """The normalised, layer-averaged term with the clamped margin on I_FGSM: the options reach
     the engine, the budget holds, and the features move towards the target's mixtures."""
