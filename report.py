@@ -151,9 +151,10 @@ def summary_rows(results: dict[str, Any], label: str, with_base: bool = True) ->
 
 
 def _hfc_label(results: dict[str, Any]) -> str:
-    if results.get("lamda") == 0:
-        return "λ = 0 control"
     settings = (results.get("record") or {}).get("settings", {})
+    if results.get("lamda") == 0:  # the term is off: only the classification loss tells controls apart
+        loss = settings.get("class_loss", "base")
+        return "λ = 0 control" + ("" if loss == "base" else f" ({loss} κ {results.get('kappa')})")
     parts = [f"HFC ({settings.get('term', results.get('term', 'paper'))}"]
     if settings.get("class_loss", "base") != "base":
         parts.append(f", {settings['class_loss']} κ {results.get('kappa')}")
