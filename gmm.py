@@ -475,6 +475,10 @@ def fit_mixtures(pooled_by_layer: Sequence[np.ndarray], labels: np.ndarray, laye
         # Non-convergence is recorded per fit (``converged``) and reported, not warned; the
         # filter is process-wide, so it is set here, around all the threads.
         warnings.simplefilter("ignore", ConvergenceWarning)
+        # scikit-learn's first variational step subtracts -inf from -inf (its starting lower bound),
+        # which NumPy warns about once per fit; the fit is unaffected.
+        warnings.filterwarnings("ignore", message="invalid value encountered in scalar subtract",
+                                category=RuntimeWarning)
         if n_jobs == 1:
             results = (_fit_one_keyed(*task) for task in tasks)
         else:
