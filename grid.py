@@ -50,10 +50,10 @@ GRID_KEYS = {
 }
 DATASET_KEYS = ("name", "data_root", "image_size", "epochs", "max_train_per_class", "limit", "stages")
 STAGES = ("train", "attack", "detector_attack", "detectors", "mixtures", "hfc")
-# Which stages' artifacts each stage reads (reproduce.plan's stage names).
-NEEDS = {"train": (), "attack": ("train",), "detector_attack": ("train",),
-         "detectors": ("detector_attack", "attack"), "mixtures": ("train",),
-         "hfc": ("attack", "detectors", "mixtures")}
+# Which stages' artifacts each stage reads (reproduce.plan's stage names; where a row's own attack
+# fits the detectors, its "attack" stage is also its "detector_attack").
+NEEDS = {"train": (), "attack": ("train",), "detector_attack": ("train",), "detectors": ("detector_attack",),
+         "mixtures": ("train",), "hfc": ("attack", "detectors", "mixtures")}
 
 
 @dataclass
@@ -172,12 +172,11 @@ def tasks_of(grid: dict[str, Any], config: Config) -> dict[str, Task]:
         except TypeError as error:  # a stages table names a field the stage does not have
             raise utils.UserError(f"{config.grid}: {error}") from None
         keys = {stage.name: str(stage.summary.resolve()) for stage in stages}
+        keys.setdefault("detector_attack", keys["attack"])
         for stage in stages:
             key = keys[stage.name]
             if key not in tasks:
-                needs = [keys[n] for n in NEEDS[stage.name] if n in keys and keys[n] != key]
-                if stage.name == "detectors":  # its own attack's AEs, not the row's
-                    needs = [keys.get("detector_attack", keys["attack"])]
+                needs = [keys[n] for n in NEEDS[stage.name] if keys[n] != key]
                 tasks[key] = Task(key, stage, label, list(dict.fromkeys(needs)))
     return tasks
 
@@ -227,14 +226,14 @@ def run_tasks(todo: list[Task], config: Config, root: Path) -> None:
         remote = ray.remote(execute).options(num_cpus=config.cpus_per_task, num_gpus=gpus, max_retries=0)
         refs: dict[str, Any] = {}
         for task in todo:  # in plan order, so every task's needs were submitted before it
-            upstream = [refs[k] for k in task.needs if k in refs]
+            upstream = [refs[k] for k in task.needs if k in refs]  # the others are up to date
             refs[task.key] = remote.remote(task.stage, str(root), *upstream)
-        by_ref = {ref: key for key, ref in refs.items()}
+        task_of = {refs[task.key]: task for task in todo}
         pending = list(refs.values())
         with tqdm(total=len(pending), desc="grid tasks", unit="task") as bar:
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1)
-                task = next(t for t in todo if t.key == by_ref[ready[0]])
+                task = task_of[ready[0]]
                 result = ray.get(ready[0])
                 task.seconds = result.get("seconds")
                 task.status = "ok" if result["ok"] else "blocked" if result.get("blocked") else "failed"
@@ -267,7 +266,8 @@ def run(config: Config) -> dict:
     finally:
         os.chdir(cwd)
     todo = [t for t in tasks.values() if t.status == "pending"]
-    print(f"grid {config.grid}: {len(cells(grid, config))} cells, {len(tasks)} tasks, "
+    n_cells = len(cells(grid, config))
+    print(f"grid {config.grid}: {n_cells} cells, {len(tasks)} tasks, "
           f"{len(tasks) - len(todo)} up to date, {len(todo)} to run")
     for task in todo if config.dry_run else []:
         print(f"  {task.stage.name:16s} {task.cell}")
@@ -276,15 +276,15 @@ def run(config: Config) -> dict:
 
     counts = {s: sum(t.status == s for t in tasks.values()) for s in ("done", "ok", "failed", "blocked", "pending")}
     table = None
-    if not config.dry_run and any((root / f"runs_{datasets.get(e['name']).name}").is_dir() for e in grid["datasets"]):
-        folders = [str(root / f"runs_{datasets.get(e['name']).name}") for e in grid["datasets"]]
-        folders = [f for f in dict.fromkeys(folders) if Path(f).is_dir()]
+    folders = [str(root / f"runs_{datasets.get(e['name']).name}") for e in grid["datasets"]]
+    folders = [f for f in dict.fromkeys(folders) if Path(f).is_dir()]
+    if folders and not config.dry_run:
         try:
             table = tables.run(tables.Config(folders=folders, out=str(root / config.tables)))
         except utils.UserError as error:  # no results yet (every HFC task failed): the summary says so
             print(f"no table: {error}")
-    summary = {"grid": str(config.grid), "root": str(root), "settings": {k: v for k, v in vars(config).items()},
-               "cells": len(cells(grid, config)), "counts": counts, "seconds": time.perf_counter() - started,
+    summary = {"grid": str(config.grid), "root": str(root), "settings": dict(vars(config)),
+               "cells": n_cells, "counts": counts, "seconds": time.perf_counter() - started,
                "table": str(root / config.tables) if table else None,
                "tasks": [{"stage": t.stage.name, "cell": t.cell, "summary": t.key, "status": t.status,
                           "seconds": t.seconds, "error": t.error} for t in tasks.values()]}
