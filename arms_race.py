@@ -186,7 +186,7 @@ class _Stage:
         self.train_limit = int(fixed_settings.get("train_limit", 1000) or 0)
         self.train_seed = int(fixed_settings.get("seed", config.seed))
         self.mixtures = evaluation.load_fresh_mixtures(self.run, config.num_component,
-                                                       need_scales=hfc.TERMS[config.term]["normalise"])
+                                                       need_scales=hfc.needs_scales(config.term))
         self.step_256, self.steps = hfc.hfc_schedule(self.run.dataset, config.arch, self.spec.eps_256,
                                                      config.step_size, config.steps)
         self.eval_pos = self.sets["eval"][:config.limit] if config.limit else self.sets["eval"]

@@ -151,7 +151,7 @@ class _Stage:
         self.mixtures = None
         if "HFC" in self.rows:
             self.mixtures = evaluation.load_fresh_mixtures(self.run, config.num_component,
-                                                           need_scales=hfc.TERMS[config.term]["normalise"])
+                                                           need_scales=hfc.needs_scales(config.term))
         self.step_256, self.steps = hfc.hfc_schedule(self.run.dataset, config.arch, self.spec.eps_256,
                                                      config.step_size, config.steps)
         eval_pos = self.sets["eval"]
@@ -202,7 +202,7 @@ class _Stage:
 
     # -- the terms
     def term(self, row: str):
-        normalise = hfc.TERMS[self.config.term]["normalise"]
+        normalise = hfc.needs_scales(self.config.term)
         where = dict(device=self.device, normalise=normalise)
         if row == "HFC":
             return hfc.HFCTerm(self.mixtures, device=self.device, **hfc.TERMS[self.config.term])

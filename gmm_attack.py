@@ -161,7 +161,7 @@ def run(config: Config) -> dict:
     model, _ = saver.load_model(run_.checkpoint, device, arch=config.arch, hint=run_.hint("train"))
     sets = evaluation.load_protocol_sets(run_, spec.name, noise)
     fitted = evaluation.load_fresh_detectors(run_, detector_attack)
-    mixtures = evaluation.load_fresh_mixtures(run_, config.num_component, need_scales=hfc.TERMS[config.term]["normalise"])
+    mixtures = evaluation.load_fresh_mixtures(run_, config.num_component, need_scales=hfc.needs_scales(config.term))
     term = hfc.HFCTerm(mixtures, device=device, **hfc.TERMS[config.term])
     step_256, steps = hfc.hfc_schedule(run_.dataset, config.arch, spec.eps_256, config.step_size, config.steps)
     base = sets["base"]

@@ -33,6 +33,11 @@ DEFAULT_LAMBDA_GRID = (1.0, 0.1, 0.01, 1e-3, 1e-4, 1e-5, 1e-6)
 DEFAULT_MIN_SUCCESS = 0.95
 
 
+def needs_scales(term: str) -> bool:
+    """Whether the term form ``term`` (a key of TERMS) divides by the mixtures' held-out scales."""
+    return TERMS[term]["normalise"]
+
+
 class _ChosenQuadratic(torch.autograd.Function):
     """Per sample ‖z‖²/C with z = (f − μ_k*) L_k*, where z was already computed (without gradient)
     while scoring the components; the backward pass, ∂/∂f = (2/C)·L_k* z, reads each chosen factor
