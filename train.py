@@ -70,13 +70,13 @@ def run(config: Config) -> dict:
     a previous model, its split and its summary stay as they are until the new run has a best
     checkpoint of its own: a run that fails early loses nothing."""
     started = time.time()
-    dataset = datasets.get(config.dataset).name
+    info = datasets.get(config.dataset)
+    dataset = info.name
     run_ = runs.Run.of(config)
     device = utils.prepare_runtime(config.device, config.seed, config.threads)
-    epochs = config.epochs if config.epochs is not None else datasets.get(dataset).epochs
-    batch_size = config.batch_size or datasets.get(dataset).batch_size or (64 if device.type == "cuda" else 16)
-    cap = config.max_train_per_class if config.max_train_per_class is not None \
-        else datasets.get(dataset).max_train_per_class
+    epochs = config.epochs if config.epochs is not None else info.epochs
+    batch_size = config.batch_size or info.batch_size or (64 if device.type == "cuda" else 16)
+    cap = config.max_train_per_class if config.max_train_per_class is not None else info.max_train_per_class
 
     resume_state = saver.read_checkpoint(run_.checkpoint, hint=run_.hint("train")) if config.resume else None
     if resume_state is not None:
@@ -101,7 +101,7 @@ def run(config: Config) -> dict:
     # channels_last: oneDNN's convolutions run markedly faster in this layout on a CPU.
     model = build_model(config.arch, split["num_classes"], config.pretrained).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    lr_schedule = config.lr_schedule or datasets.get(dataset).lr_schedule
+    lr_schedule = config.lr_schedule or info.lr_schedule
     if lr_schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     else:
@@ -125,7 +125,7 @@ def run(config: Config) -> dict:
         print(f"resuming after epoch {first_epoch - 1} (best so far)")
     replaced = resume_state is not None  # a fresh run replaces the old model at its first best epoch
 
-    flip_dims = datasets.get(dataset).flip_dims
+    flip_dims = info.flip_dims
     generator = torch.Generator().manual_seed(config.seed)
     for epoch in range(first_epoch, epochs + 1):
         tic = time.time()
