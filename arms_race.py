@@ -71,7 +71,7 @@ DEFENDERS = {"fixed": "the seven detectors fitted on A_fit's base AEs (extract_f
              "refit": "the seven + TYP fitted again on A_fit's AEs of the attacker they face"}
 FOLDER = "arms_race"
 RESULT_FILE = "arms_race.json"
-PIECE_FILE = "piece.json"
+PIECE_FILE = runs.PIECE_FILE
 REPORTS_FILE = "reports.json"
 STAGE = "arms_race"
 
@@ -127,36 +127,14 @@ def main(argv=None) -> dict:
 
 
 # --------------------------------------------------------------------------- pieces
-class Piece:
-    """One resumable unit under ``arms_race/``: a folder with its outputs and ``piece.json`` (the
-    result and the record: settings, inputs' sha256, outputs' sha256). ``done()`` when the record
-    has these settings, the inputs are unchanged and the outputs intact; ``write`` builds the folder
-    beside the old one and swaps it in whole."""
-
-    def __init__(self, folder: Path, settings: dict[str, Any], inputs: dict[str, Path]):
-        self.folder, self.settings, self.inputs = Path(folder), settings, inputs
-
-    @property
-    def file(self) -> Path:
-        return self.folder / PIECE_FILE
-
-    def done(self) -> bool:
-        return runs.is_done(self.file, self.settings, self.inputs)
+class Piece(runs.Piece):
+    """One resumable unit under ``arms_race/`` (``runs.Piece`` with this stage's name)."""
+    stage = STAGE
 
     @property
     def name(self) -> str:
         return self.folder.relative_to(self.folder.parents[1]).as_posix() if self.folder.parent.name == "scores" \
             else self.folder.name
-
-    def result(self) -> dict[str, Any]:
-        return utils.read_json(self.file, "arms race piece")["result"]
-
-    def write(self, result: dict[str, Any], write_outputs: Callable[[Path], list[Path]]) -> dict[str, Any]:
-        with utils.replacing_dir(self.folder) as staging:
-            outputs = write_outputs(staging)
-            record = runs.record(STAGE, self.settings, self.inputs, outputs, folder=staging)
-            utils.write_json(staging / PIECE_FILE, {"piece": self.folder.name, "result": result, "record": record})
-        return utils.read_json(self.file, "arms race piece")["result"]  # as JSON has it, like a reused one
 
 
 def _files(folder: Path) -> list[Path]:

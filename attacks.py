@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import network
 from utils import UserError
 
 DEFAULT_STEPS = 10
@@ -49,7 +50,7 @@ CW_KAPPA = 0.0
 
 ALIASES = {"BIM": "I_FGSM"}
 METHODS = ("FGSM", "I_FGSM", "PGD", "MI_FGSM", "DI_FGSM", "TI_FGSM", "CW", "Noise")
-LOSSES = ("ce", "cw")
+LOSSES = ("ce", "cw", "none")  # "none": no classification goal, the extra term alone (the stress test)
 OPTION_NAMES = ("loss", "decay", "kappa", "di_prob", "resize_rate", "ti_kernel", "random_start", "keep_successful",
                 "stop_when_all_hit", "orthogonal")
 # Orthogonal PGD (Bryniarski et al., ICLR 2022): which images take a detector step.
@@ -235,6 +236,8 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor, loss: str =
     target with a logit lead above κ): such a sample contributes nothing to the step."""
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if loss == "none":
+        return logits.new_zeros(())
     if loss == "ce":
         return F.cross_entropy(logits, targets)
     target_logit = logits.gather(1, targets[:, None]).squeeze(1)
@@ -265,6 +268,12 @@ def _forward_features(model, inputs: torch.Tensor, extra) -> tuple[torch.Tensor,
     ``uses_maps``, else the pooled features (only ``extra.layers`` when it has that attribute)."""
     if getattr(extra, "uses_maps", False):
         return model.forward_maps(inputs)
+    tap = getattr(extra, "tap", None)
+    if tap is not None:
+        # A term on one tap and no classification goal (loss "none"): the network runs only that far.
+        features: list = [None] * len(model.layer_names)
+        features[tap] = network.pooled(model.forward_to(inputs, tap))
+        return features[tap].new_zeros((len(inputs), 0)), features
     layers = getattr(extra, "layers", None)
     return model.forward_features(inputs) if layers is None else model.forward_features(inputs, layers=layers)
 
@@ -374,7 +383,7 @@ def run_attack(model, images: torch.Tensor, targets, spec: AttackSpec, *, extra:
     (``model.forward_features``) are computed only when it is given (only the layers listed in
     ``extra.layers`` if it has that attribute; the others are None). Method options override
     the method's defaults: ``loss`` ("ce" or "cw": the classification loss, for any method;
-    "cw" for CW, "ce" otherwise), ``decay`` (momentum; default 1.0 for MI_FGSM, off otherwise),
+    "cw" for CW, "ce" otherwise; "none": no classification goal, ``extra`` alone), ``decay`` (momentum; default 1.0 for MI_FGSM, off otherwise),
     ``kappa`` (the CW margin's κ, 0; used whenever ``loss="cw"``), ``di_prob`` (0.5 for DI_FGSM,
     0 otherwise), ``resize_rate`` (0.9), ``ti_kernel`` (7 for TI_FGSM, 0 = off), ``random_start`` (True for PGD), ``keep_successful``
     (False: the last iterate is returned, as in the reference attacks; True: an image whose last
@@ -383,7 +392,8 @@ def run_attack(model, images: torch.Tensor, targets, spec: AttackSpec, *, extra:
     success vector is the full run's, the images are not), ``orthogonal`` (None: off; orthogonal
     PGD, Bryniarski et al., ICLR 2022, against one detector, below). An ``extra`` with
     ``uses_maps = True`` gets the un-pooled maps of every tap (``model.forward_maps``) instead of
-    the pooled features.
+    the pooled features; one with ``tap = i`` (and ``loss="none"``) gets only tap i, pooled, with
+    the network run only that far (``model.forward_to``).
 
     Orthogonal PGD (``orthogonal="success"`` or ``"flagged"``): ``extra`` is then a detector score,
     with ``extra.scores(logits, features)`` -> (B,) per-image scores (higher = more adversarial,
@@ -404,6 +414,11 @@ def run_attack(model, images: torch.Tensor, targets, spec: AttackSpec, *, extra:
     targets[i] for adv[i].
     """
     cfg = _resolve(spec, steps, step_size, options)
+    if getattr(extra, "tap", None) is not None and (cfg.loss != "none" or cfg.keep_successful):
+        raise ValueError("an extra term on one tap (extra.tap) runs without logits: it needs loss='none' "
+                         "and keep_successful=False")
+    if cfg.loss == "none" and extra is None:
+        raise ValueError("loss='none' needs an extra term to follow")
     if cfg.orthogonal is not None:
         if not callable(getattr(extra, "scores", None)):
             raise ValueError("orthogonal PGD needs extra = a detector score with a scores(logits, features) method")

@@ -1,4 +1,4 @@
-"""Data sets (APTOS, CXR, synthetic), the seeded train/val/test split, and the decode cache.
+"""Data sets (APTOS, CXR, imagenette, synthetic), the seeded train/val/test split, and the decode cache.
 
 docs/PROTOCOL.md §3. ``REGISTRY`` holds everything that differs between data sets, one
 ``DatasetInfo`` each (defaults, flips, classes, layout, how to list and to load the images);
@@ -35,6 +35,15 @@ APTOS_TEST_FRACTION = 0.2    # APTOS has no labelled test set: seeded, stratifie
 APTOS_LAYOUT = "<root>/train.csv (columns id_code,diagnosis) and <root>/train_images/<id_code>.png"
 CXR_CLASSES = ("NORMAL", "PNEUMONIA")
 CXR_LAYOUT = "<root>/{train,test[,val]}/{NORMAL,PNEUMONIA}/*.jpeg"
+IMAGENETTE_LAYOUT = "<root>/{train,val}/<wnid>/*.JPEG (torchvision ImageFolder)"
+# The natural-image control of the stress test (docs/PROTOCOL.md §11): a binary pair of Imagenette
+# classes, trained like the medical sets. Tench and parachute differ at a glance, so a ResNet-50
+# trained from scratch on 200 images per class can learn the pair.
+IMAGENETTE_NAMES = {"n01440764": "tench", "n02102040": "English springer", "n02979186": "cassette player",
+                    "n03000684": "chain saw", "n03028079": "church", "n03394916": "French horn",
+                    "n03417042": "garbage truck", "n03425413": "gas pump", "n03445777": "golf ball",
+                    "n03888257": "parachute"}
+IMAGENETTE_PAIR = "n01440764,n03888257"
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
 
@@ -67,6 +76,7 @@ class DatasetInfo:
     main_attack: str = "I_FGSM_Linf_1"          # reproduce.py's default base attack (the paper's ε = 1/256)
     lr_schedule: str = "plateau"                # default train.py --lr-schedule
     batch_size: int | None = None               # default train.py -b (None: 64 on a GPU, 16 on a CPU)
+    natural: bool = False                       # natural photographs (the stress test's control), not medical
     layout: str | None = None                   # "the ... layout <root>/...", for errors (None: generated)
     decode: Callable[[Path, int], np.ndarray] | None = None
     render: Callable[[list[str], np.ndarray, int, int], np.ndarray] | None = None
@@ -184,6 +194,39 @@ def _list_cxr(root: Path, **_) -> Listing:
     return Listing(*_cxr_catalog(root))
 
 
+def imagenette_classes(pair: str) -> list[str]:
+    """The two wnids of ``--imagenette-pair`` ("wnid,wnid"), checked against the ten classes."""
+    wnids = [w.strip() for w in str(pair).split(",") if w.strip()]
+    if len(wnids) != 2 or len(set(wnids)) != 2 or not set(wnids) <= set(IMAGENETTE_NAMES):
+        raise UserError(f"--imagenette-pair {pair!r}: expected two different wnids out of "
+                        + ", ".join(f"{w} ({n})" for w, n in IMAGENETTE_NAMES.items()))
+    return wnids
+
+
+def _imagenette_folder(root: Path, part: str, wnids: list[str]):
+    ids, labels = [], []
+    for label, wnid in enumerate(wnids):
+        folder = root / part / wnid
+        if not folder.is_dir():
+            raise UserError(f"missing class folder {folder}; expected the Imagenette layout {IMAGENETTE_LAYOUT}")
+        files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        if not files:
+            raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+        ids += [f"{part}/{wnid}/{f}" for f in files]
+        labels += [label] * len(files)
+    labels = np.array(labels, dtype=np.int64)
+    return np.array(ids), labels, labels
+
+
+def _list_imagenette(root: Path, *, imagenette_pair: str = IMAGENETTE_PAIR, **_) -> Listing:
+    wnids = imagenette_classes(imagenette_pair)
+    if not root.is_dir():
+        raise UserError(f"imagenette data root {root} not found; expected the layout {IMAGENETTE_LAYOUT} (see --data-root)")
+    # Imagenette's val/ has labels and is never trained on: it is the test part.
+    return Listing(_imagenette_folder(root, "train", wnids), _imagenette_folder(root, "val", wnids),
+                   {"imagenette_pair": ",".join(wnids), "class_names": [IMAGENETTE_NAMES[w] for w in wnids]})
+
+
 def _list_synthetic(root: None, *, seed: int, synthetic_train: int, synthetic_test: int, **_) -> Listing:
     return Listing(synthetic_pool("train", synthetic_train, seed), synthetic_pool("test", synthetic_test, seed),
                    {"synthetic": {"train": synthetic_train, "test": synthetic_test, "generator": SYNTHETIC_VERSION}})
@@ -206,7 +249,7 @@ def _stratified_mask(strata: np.ndarray, fraction: float, rng: np.random.Generat
 def prepare_split(dataset: str, data_root: str | Path | None = None, image_size: int | None = None,
                   num_classes: int = 2, seed: int = 0, val_fraction: float = VAL_FRACTION,
                   max_train_per_class: int | None = None, synthetic_train: int = SYNTHETIC_TRAIN,
-                  synthetic_test: int = SYNTHETIC_TEST) -> dict[str, Any]:
+                  synthetic_test: int = SYNTHETIC_TEST, imagenette_pair: str = IMAGENETTE_PAIR) -> dict[str, Any]:
     """Decide the train/val/test parts (ids and labels); the result is what split.json holds.
 
     Validation is carved (seeded, stratified) from the training pool, never from test. With
@@ -223,7 +266,8 @@ def prepare_split(dataset: str, data_root: str | Path | None = None, image_size:
     rng = np.random.default_rng([seed, 101])
     root = None if info.generated else str(data_root if data_root is not None else default_data_root(info.name))
     listing = info.list_split(None if root is None else Path(root), num_classes=num_classes, seed=seed, rng=rng,
-                              synthetic_train=synthetic_train, synthetic_test=synthetic_test)
+                              synthetic_train=synthetic_train, synthetic_test=synthetic_test,
+                              imagenette_pair=imagenette_pair)
     ids, labels, strata = listing.pool
     if max_train_per_class:
         keep_per_class = math.ceil(max_train_per_class / (1 - val_fraction))
@@ -243,7 +287,7 @@ def prepare_split(dataset: str, data_root: str | Path | None = None, image_size:
     split: dict[str, Any] = {
         "dataset": info.name, "data_root": root, "image_size": image_size, "num_classes": num_classes,
         "class_names": list(info.classes[num_classes]), "seed": seed, "val_fraction": val_fraction,
-        "max_train_per_class": max_train_per_class, **(listing.record or {}),
+        "max_train_per_class": max_train_per_class, **(listing.record or {}),  # may name the classes
     }
     for part, (part_ids, part_labels) in parts.items():
         split[part] = {"ids": [str(i) for i in part_ids], "labels": [int(y) for y in part_labels]}
@@ -369,6 +413,11 @@ def _decode_aptos(path: Path, size: int) -> np.ndarray:
     return np.asarray(crop.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
 
 
+def _decode_rgb(path: Path, size: int) -> np.ndarray:
+    rgb = _open_image(path, size).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
 def _decode_cxr(path: Path, size: int) -> np.ndarray:
     gray = _open_image(path, size).convert("L").resize((size, size), Image.Resampling.BICUBIC)
     return np.repeat(np.asarray(gray, dtype=np.uint8)[:, :, None], 3, axis=2)
@@ -390,6 +439,11 @@ REGISTRY: dict[str, DatasetInfo] = {
     "CXR": DatasetInfo(
         name="CXR", image_size=128, epochs=12, flip_dims=(3,), max_train_per_class=500,
         classes={2: CXR_CLASSES}, list_split=_list_cxr, layout=f"the Kaggle layout {CXR_LAYOUT}", decode=_decode_cxr),
+    # Natural photographs, for the stress test's medical-vs-natural comparison (docs/PROTOCOL.md §11).
+    "imagenette": DatasetInfo(
+        name="imagenette", image_size=128, epochs=20, flip_dims=(3,), max_train_per_class=None,
+        classes={2: tuple(IMAGENETTE_NAMES[w] for w in IMAGENETTE_PAIR.split(","))}, list_split=_list_imagenette,
+        layout=f"the layout {IMAGENETTE_LAYOUT}", decode=_decode_rgb, natural=True),
     "synthetic": DatasetInfo(
         name="synthetic", image_size=64, epochs=8, flip_dims=(2, 3), max_train_per_class=None,
         # At ε = 1/256 the 64 px synthetic model's base AEs are hard to detect (mean AUC ~0.75):

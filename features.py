@@ -153,3 +153,38 @@ def benign_and_adv(model, clean, noisy, adv, success, device: torch.device | str
     detector score) are bit-identical."""
     return (benign_set(model, clean, noisy, device, batch_size, keep_maps, progress, desc),
             adv_set(model, adv, success, device, batch_size, keep_maps, progress, desc))
+
+
+def part_features(run_, model, part: str, device: torch.device | str | None = None,
+                  batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True) -> FeatureSet:
+    """The features of every image of one split part (``train``, ``val``, ``test``) of a run, made
+    once per model and cached in ``runs_<DATASET>/<run>/features/<part>.npz`` with a provenance
+    record (the checkpoint and split it was made from): the stages that read a part's features
+    (get_GMM.py, stress_test.py, ood_lesion.py, the sweeps) share one forward pass. A cache whose
+    checkpoint or split changed since is made again."""
+    import datasets
+    import runs
+    from utils import load_npz, replacing_dir, save_npz, write_json
+
+    folder = run_.dir / "features" / part
+    summary = folder / runs.SUMMARY
+    inputs = {"checkpoint": run_.checkpoint, "split": run_.split}
+    images, labels = datasets.load_part(run_.dir, part)
+    if runs.is_done(summary, {"part": part}, inputs):
+        cached = load_npz(folder / "features.npz", f"cached {part} features")
+        n_layers = sum(1 for key in cached if key.startswith("pooled_"))
+        if len(cached["logits"]) == len(images):
+            return FeatureSet(images=images, logits=cached["logits"], labels=cached["labels"],
+                              pooled=[cached[f"pooled_{i}"] for i in range(n_layers)])
+    feats = extract(model, images, device, batch_size, progress, labels=labels.numpy(), desc=f"{part} features")
+    try:
+        with replacing_dir(folder) as staging:
+            save_npz(staging / "features.npz", logits=feats.logits, labels=feats.labels,
+                     **{f"pooled_{i}": layer for i, layer in enumerate(feats.pooled)})
+            write_json(staging / runs.SUMMARY, {
+                "part": part, "images": len(feats), "layers": len(feats.pooled),
+                "record": runs.record("features", {"part": part}, inputs, [staging / "features.npz"],
+                                      folder=staging)})
+    except OSError as err:  # a cache that cannot be written (full disk, a concurrent writer) is only slower
+        print(f"note: features of {part} not cached ({err})")
+    return feats

@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 import cli
-import datasets
 import features
 import gmm
 import runs
@@ -68,10 +68,9 @@ def run(config: Config) -> dict:
     if not layers:
         raise utils.UserError(f"no conv layer of {config.arch} has at most {config.max_channels} channels "
                               f"(smallest: {min(model.layer_channels[i] for i in model.conv_layers)})")
-    images, labels = datasets.load_part(run_.dir, "train")
-
     start = time.perf_counter()
-    feats = features.extract(model, images, device, config.batch_size, desc="train features")
+    feats = features.part_features(run_, model, "train", device, config.batch_size)
+    images, labels = feats.images, torch.from_numpy(feats.labels)
     feature_seconds = time.perf_counter() - start
     mixtures = gmm.fit_mixtures(
         feats.pooled, labels.numpy(), layers, config.num_component, kind=config.kind, seed=config.seed,
@@ -80,8 +79,8 @@ def run(config: Config) -> dict:
         layer_channels=model.layer_channels, max_channels=config.max_channels)
 
     # The fit report and the term's scales, on held-out (validation) images.
-    val_images, val_labels = datasets.load_part(run_.dir, "val")
-    val_feats = features.extract(model, val_images, device, config.batch_size, desc="val features")
+    val_feats = features.part_features(run_, model, "val", device, config.batch_size)
+    val_labels = torch.from_numpy(val_feats.labels)
     val_counts = np.bincount(val_labels.numpy(), minlength=model.num_classes)
     fallback = [c for c in mixtures.classes if val_counts[c] < 2]
     held_out = [c for c in mixtures.classes if c not in fallback]
@@ -96,7 +95,7 @@ def run(config: Config) -> dict:
     stage = {"dataset": run_.dataset, "arch": model_meta["arch"], "run": str(run_.dir),
              "image_size": int(images.shape[-1]), "num_train": len(labels),
              "train_per_class": counts.tolist(), "device": str(device), "jobs": jobs,
-             "feature_source": "features.extract", "feature_seconds": round(feature_seconds, 2)}
+             "feature_source": "features.part_features", "feature_seconds": round(feature_seconds, 2)}
     settings = config.settings()
     with utils.replacing_dir(folder) as staging:
         mixtures.save(staging, extra=stage)

@@ -82,3 +82,68 @@ def auc_vs_success(path: Path, compare: dict) -> None:
     ax.set_title(f"{compare['dataset']} / {compare['arch']} / {compare['attack']}: hidden and successful "
                  "is bottom right", fontsize=9)
     save_figure(fig, path)
+
+
+def stress_curves(path: Path, stress: dict) -> None:
+    """The stress test of one model: the deviation ratio (AEs' median / clean 99th percentile) against ε,
+    one line per stage-end layer."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    eps = [float(e) for e in stress["epsilons_256"]]
+    for layer in stress["layers"]:
+        ratios = [stress["deviation"][f"{e:g}"][layer["name"]]["ratio_to_clean_p99"] for e in eps]
+        ax.plot(eps, ratios, marker="o", label=layer["name"])
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("ε (×1/256)")
+    ax.set_ylabel("median deviation / clean 99th pct")
+    ax.set_title(f"{stress['dataset']} / {stress['arch']}: feature-deviation attack")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def stress_side_by_side(path: Path, side: dict) -> None:
+    """Several models' stress tests, one panel per stage: the deviation ratio against ε per model."""
+    stages = side["stages"]
+    fig, axes = plt.subplots(1, len(stages), figsize=(3.2 * len(stages), 3.4), sharey=True, squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        for model in side["models"]:
+            points = model["ratio_by_stage"][stage]
+            eps = sorted(float(e) for e in points)
+            ax.plot(eps, [points[f"{e:g}"] for e in eps], marker="o",
+                    ls="--" if model["natural"] else "-", label=model["label"])
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"stage {stage}")
+        ax.set_xlabel("ε (×1/256)")
+    axes[0][0].set_ylabel("median deviation / clean 99th pct")
+    axes[0][-1].legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def ood_figure(path: Path, ood: dict, clean_examples: np.ndarray, lesioned: dict) -> None:
+    """AUROC of each OOD score against the lesion radius, beside example images (a clean row, then
+    one row per radius); images are uint8 N×3×H×W."""
+    radii = sorted(lesioned)
+    fig = plt.figure(figsize=(11, 1.9 * (len(radii) + 1)))
+    grid = fig.add_gridspec(len(radii) + 1, 6, width_ratios=[2.2, 2.2, 1, 1, 1, 1])
+    ax = fig.add_subplot(grid[:, :2])
+    for score in ("mixture", "max_softmax", "maha"):
+        ax.plot(radii, [ood["by_radius"][f"{r:g}"][score]["auroc"] for r in radii], marker="o", label=score)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("lesion radius (px at 256 px)")
+    ax.set_ylabel("AUROC clean vs. lesioned")
+    ax.set_title(f"{ood['dataset']} / {ood['arch']}")
+    ax.legend(fontsize=8)
+    rows = [("clean", clean_examples)] + [(f"r = {r:g}", lesioned[r]) for r in radii]
+    for row, (label, images) in enumerate(rows):
+        for col in range(min(4, len(images))):
+            image_ax = fig.add_subplot(grid[row, 2 + col])
+            image_ax.imshow(images[col].transpose(1, 2, 0))
+            image_ax.set_xticks([])
+            image_ax.set_yticks([])
+            if col == 0:
+                image_ax.set_ylabel(label, fontsize=8)
+    save_figure(fig, path)

@@ -17,6 +17,8 @@ outputs are stale because an input was re-made since, is answered from that reco
       <ATTACK>/hfc_<key>/adv.npz, results.json, results.md    gmm_attack.py
       <ATTACK>/compare/compare.json, <row>/adv.npz, row.json  compare.py
       gmm_M<y>/mixtures.npz, summary.json                     get_GMM.py
+      features/<part>/features.npz, summary.json              the first stage that needs them (cache)
+      stress/stress.json, <piece>/                            stress_test.py
       report/                                                 reproduce.py
 """
 from __future__ import annotations
@@ -26,15 +28,15 @@ import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import datasets
-from utils import UserError, read_json
+from utils import UserError, read_json, replacing_dir, write_json
 
 # Which script makes which artifact (for hints and for the README's layout).
 STAGE_SCRIPTS = {"train": "train.py", "attack": "gen_base_adv.py", "noise": "extract_features.py",
                  "detectors": "extract_features.py", "mixtures": "get_GMM.py", "hfc": "gmm_attack.py",
-                 "report": "reproduce.py", "compare": "compare.py"}
+                 "report": "reproduce.py", "compare": "compare.py", "stress": "stress_test.py"}
 SUMMARY = "summary.json"
 SPLIT = "split.json"
 CHECKPOINT = "checkpoint.pt"
@@ -223,3 +225,42 @@ def require_fresh(summary_path: Path, inputs: dict[str, str | Path], what: str, 
     if stale:
         raise UserError(f"{what} in {Path(summary_path).parent} is stale: its {', '.join(stale)} "
                         f"({', '.join(str(inputs[s]) for s in stale)}) changed since it was made; {remake}")
+
+
+PIECE_FILE = "piece.json"
+
+
+class Piece:
+    """One resumable unit of a long stage (an attacker's AEs, one ε × layer of the stress test, ...):
+    a folder with its outputs and ``piece.json`` (the result, and the record: settings, inputs'
+    sha256, outputs' sha256). ``done()`` when the record has these settings, the inputs are
+    unchanged and the outputs intact; ``write`` builds the folder beside the old one and swaps it
+    in whole, so a stage cut off mid-way keeps every finished piece. A stage names itself in
+    ``stage`` (a subclass attribute)."""
+    stage = "piece"
+
+    def __init__(self, folder: Path, settings: dict[str, Any], inputs: dict[str, Path]):
+        self.folder, self.settings, self.inputs = Path(folder), settings, inputs
+
+    @property
+    def file(self) -> Path:
+        return self.folder / PIECE_FILE
+
+    def done(self) -> bool:
+        return is_done(self.file, self.settings, self.inputs)
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    def result(self) -> dict[str, Any]:
+        return read_json(self.file, f"{self.stage} piece")["result"]
+
+    def write(self, result: dict[str, Any], write_outputs: Callable[[Path], list[Path]]) -> dict[str, Any]:
+        """Write the outputs (``write_outputs(staging) -> files``, at least one) and the record; returns
+        the result as JSON has it, like a reused one."""
+        with replacing_dir(self.folder) as staging:
+            outputs = write_outputs(staging)
+            rec = record(self.stage, self.settings, self.inputs, outputs, folder=staging)
+            write_json(staging / PIECE_FILE, {"piece": self.folder.name, "result": result, "record": rec})
+        return self.result()

@@ -1,4 +1,4 @@
-"""Train a classifier (ResNet / VGG) on APTOS, CXR or the embedded synthetic fundus set.
+"""Train a classifier (ResNet / VGG) on APTOS, CXR, an Imagenette pair or the embedded synthetic fundus set.
 
     python train.py -a resnet50 --dataset synthetic
     python train.py -a resnet50 --dataset APTOS --data-root ../shared/data/aptos2019 --image-size 128
@@ -43,6 +43,8 @@ class Config(cli.RunConfig):
     synthetic_train: int = cli.flag(datasets.SYNTHETIC_TRAIN, "synthetic training-pool size; validation is "
                                     "carved from it", check=cli.at_least(2))
     synthetic_test: int = cli.flag(datasets.SYNTHETIC_TEST, "synthetic test-set size", check=cli.at_least(2))
+    imagenette_pair: str = cli.flag(datasets.IMAGENETTE_PAIR, "imagenette: the two classes (wnids) of the binary "
+                                    "task, class 0 first (default: tench vs parachute)")
     batch_size: int | None = cli.flag(None, "batch size (default: the data set's, 16 for synthetic; else 64 on a "
                                             "GPU, 16 on a CPU, where more steps per epoch pay off)", short="-b", check=cli.at_least(2))
     lr: float = cli.flag(3e-4, "Adam learning rate", check=cli.positive)
@@ -87,7 +89,7 @@ def run(config: Config) -> dict:
     else:
         split = datasets.prepare_split(dataset, config.data_root, config.image_size, config.num_classes, config.seed,
                                        max_train_per_class=cap or None, synthetic_train=config.synthetic_train,
-                                       synthetic_test=config.synthetic_test)
+                                       synthetic_test=config.synthetic_test, imagenette_pair=config.imagenette_pair)
     counts = datasets.describe_split(split)
     print(f"{dataset} at {split['image_size']}px, run {run_.dir}: " +
           "; ".join(f"{part} {sum(c.values())} ({', '.join(f'{k} {v}' for k, v in c.items())})"
