@@ -147,3 +147,26 @@ def ood_figure(path: Path, ood: dict, clean_examples: np.ndarray, lesioned: dict
             if col == 0:
                 image_ax.set_ylabel(label, fontsize=8)
     save_figure(fig, path)
+
+
+def sweep_figure(path: Path, sweep: dict, field: str, label: str) -> None:
+    """A sweep's success and mean AUC (with its interval) against M or λ."""
+    points = sweep["points"]
+    x = np.array([p[field] for p in points], dtype=float)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    means = np.array([p["mean_auc"] for p in points], dtype=float)
+    low = np.array([(p["mean_auc_ci"] or [np.nan, np.nan])[0] for p in points], dtype=float)
+    high = np.array([(p["mean_auc_ci"] or [np.nan, np.nan])[1] for p in points], dtype=float)
+    ax.errorbar(x, means, yerr=[means - low, high - means], marker="o", capsize=3, label="mean AUC (HFC AEs)")
+    ax.plot(x, [p["success"] for p in points], marker="s", label="success")
+    ax.plot(x, [p["base_mean_auc"] for p in points], ls=":", color="grey", label="mean AUC (base AEs)")
+    if field == "lamda":
+        positive = x[x > 0]
+        ax.set_xscale("symlog", linthresh=float(positive.min()) if len(positive) else 1.0)
+    else:
+        ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel(label)
+    ax.set_title(f"{sweep['dataset']} / {sweep['arch']} / {sweep['attack']}: {label} sweep")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
