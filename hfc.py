@@ -15,8 +15,8 @@ import gmm
 from utils import UserError
 
 # The HFC code's fixed step α in units of 1/256 (docs/PROTOCOL.md §7), keyed by (data set, arch).
-PAPER_STEP_256 = {("APTOS", "resnet50"): 0.025, ("APTOS", "vgg16"): 0.1,
-                  ("CXR", "resnet50"): 0.01, ("CXR", "vgg16"): 0.04}
+PAPER_STEP_256 = {("APTOS", "resnet50"): 0.025, ("APTOS", "vgg16"): 0.1, ("APTOS", "vgg16_bn"): 0.1,
+                  ("CXR", "resnet50"): 0.01, ("CXR", "vgg16"): 0.04, ("CXR", "vgg16_bn"): 0.04}
 # Elsewhere (the synthetic set, the small CPU archs): ε/10 per step, i.e. T = 20.
 # The term's forms: the paper's (Σ over layers of ‖(f − μ_k*) L_k*‖²/C), the normalised one
 # (each layer divided by its held-out clean median, averaged over layers; see HFCTerm), and the

@@ -19,6 +19,9 @@ outputs are stale because an input was re-made since, is answered from that reco
       gmm_M<y>/mixtures.npz, summary.json                     get_GMM.py
       features/<part>/features.npz, summary.json              the first stage that needs them (cache)
       stress/stress.json, <piece>/                            stress_test.py
+      ood/ood.json, radius<r>/                                ood_lesion.py
+      sweeps/m_sweep.json, lambda_sweep.json                  sweeps.py
+      <ATTACK>/transfer/<surrogate>/transfer.json             transfer.py
       report/                                                 reproduce.py
 """
 from __future__ import annotations
@@ -36,7 +39,8 @@ from utils import UserError, read_json, replacing_dir, write_json
 # Which script makes which artifact (for hints and for the README's layout).
 STAGE_SCRIPTS = {"train": "train.py", "attack": "gen_base_adv.py", "noise": "extract_features.py",
                  "detectors": "extract_features.py", "mixtures": "get_GMM.py", "hfc": "gmm_attack.py",
-                 "report": "reproduce.py", "compare": "compare.py", "stress": "stress_test.py"}
+                 "report": "reproduce.py", "compare": "compare.py", "stress": "stress_test.py",
+                 "ood": "ood_lesion.py", "sweeps": "sweeps.py", "transfer": "transfer.py"}
 SUMMARY = "summary.json"
 SPLIT = "split.json"
 CHECKPOINT = "checkpoint.pt"

@@ -293,3 +293,45 @@ def test_imagenette_pair_split():
         datasets.prepare_split("imagenette", SHARED_DATA / "imagenette", imagenette_pair="n01440764")
     with pytest.raises(UserError, match="not found"):
         datasets.prepare_split("imagenette", Path("/nonexistent"))
+
+
+# ----------------------------------------------------------------------------- transfer.py
+
+def test_transfer_stage_on_the_tiny_run(in_pipeline, capsys):
+    import get_GMM
+    import train
+    import transfer
+    from conftest import TINY_TRAIN
+
+    err = _exit_line(capsys, transfer.main, COMMON + ["--attack", ATTACK, "--surrogate", "other"])
+    assert "train.py" in err and "other" in err
+    err = _exit_line(capsys, transfer.main, COMMON + ["--attack", ATTACK, "--surrogate", "resnet18"])
+    assert "victim itself" in err
+    # the surrogate: the same architecture trained with another seed, and its own mixtures
+    train.run(train.Config(**{**TINY_TRAIN, "seed": 1}, name="seed1", device="cpu", threads=1))
+    err = _exit_line(capsys, transfer.main, COMMON + ["--attack", ATTACK, "--surrogate", "seed1", "-y", "2"])
+    assert "get_GMM.py" in err and "-n seed1" in err
+    get_GMM.main(COMMON + ["-n", "seed1", "-y", "2", "--jobs", "1"])
+
+    argv = COMMON + ["--attack", ATTACK, "--surrogate", "seed1", "-y", "2", "--lamda", "1", "--limit", "8"]
+    result = transfer.main(argv)
+    out = in_pipeline / ATTACK / "transfer" / "seed1"
+    saved = json.loads((out / "transfer.json").read_text())
+    assert saved["surrogate_arch"] == "resnet18" and saved["n_eval"] == 8
+    for row in transfer.ROWS:
+        entry = saved["rows"][row]
+        adv = np.load(out / row / "adv.npz")
+        clean = adv["clean"]
+        assert np.abs(adv["adv"] - clean).max() <= 4 / 256 + 1e-6  # L∞ ≤ ε on every saved AE
+        # success is the victim's verdict, recomputed here
+        model, _ = saver.load_model(in_pipeline, "cpu")
+        with torch.no_grad():
+            fooled = model(torch.from_numpy(adv["adv"])).argmax(1).numpy() == adv["targets"]
+        assert entry["success"] == pytest.approx(fooled.mean())
+        assert 0 <= entry["surrogate_success"] <= 1
+        if fooled.any():
+            assert set(entry["detectors"]) == {"KD", "BU", "KD+BU", "LID", "MAHA", "SVM", "DNN"}
+    assert result["rows"]["hfc_transfer"]["lamda"] == 1
+    stamp = (out / "hfc_transfer" / runs.PIECE_FILE).stat().st_mtime_ns
+    transfer.main(argv)
+    assert (out / "hfc_transfer" / runs.PIECE_FILE).stat().st_mtime_ns == stamp  # reused
