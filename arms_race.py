@@ -212,11 +212,8 @@ class _Stage:
 
     def train_features(self) -> features.FeatureSet:
         """Every training image (TYP halves them); the fixed detectors' subset is ``detector_train``."""
-        def make():
-            images, labels = datasets.load_part(self.run.dir, "train")
-            return features.extract(self.model, images, self.device, self.config.batch_size, labels=labels.numpy(),
-                                    desc="train features")
-        return self._lazy("train", make)
+        return self._lazy("train", lambda: features.part_features(self.run, self.model, "train", self.device,
+                                                                  self.config.batch_size))
 
     def detector_train(self) -> features.FeatureSet:
         """The training images whose statistics the fixed detectors use: extract_features.py's seeded subset
@@ -226,9 +223,8 @@ class _Stage:
 
     def val_features(self) -> tuple[list[np.ndarray], np.ndarray]:
         def make():
-            images, labels = datasets.load_part(self.run.dir, "val")
-            feats = features.extract(self.model, images, self.device, self.config.batch_size, desc="val features")
-            return feats.pooled, labels.numpy()
+            feats = features.part_features(self.run, self.model, "val", self.device, self.config.batch_size)
+            return feats.pooled, feats.labels
         return self._lazy("val", make)
 
     def fit_benign(self) -> features.FeatureSet:

@@ -41,7 +41,6 @@ import adaptive
 import aesets
 import attacks
 import cli
-import datasets
 import detectors
 import evaluation
 import features
@@ -195,9 +194,8 @@ class _Stage:
     def held_out(self) -> tuple[list[np.ndarray], np.ndarray]:
         """Pooled features and labels of the run's validation images (the normalised terms' scales)."""
         if self._held_out is None:
-            images, labels = datasets.load_part(self.run.dir, "val")
-            feats = features.extract(self.model, images, self.device, self.config.batch_size, desc="val features")
-            self._held_out = (feats.pooled, labels.numpy())
+            feats = features.part_features(self.run, self.model, "val", self.device, self.config.batch_size)
+            self._held_out = (feats.pooled, feats.labels)
         return self._held_out
 
     # -- the terms

@@ -22,7 +22,6 @@ import torch
 import aesets
 import attacks
 import cli
-import datasets
 import detectors
 import evaluation
 import features
@@ -64,10 +63,9 @@ def main(argv=None) -> dict:
 
 
 def training_features(model, run_: runs.Run, config: Config, device) -> FeatureSet:
-    images, labels = datasets.load_part(run_.dir, "train")
-    chosen = features.seeded_subset(len(images), config.train_limit, config.seed)
-    return features.extract(model, images[torch.from_numpy(chosen)], device, config.batch_size,
-                            labels=labels.numpy()[chosen], desc="train features")
+    """The features of ``--train-limit`` training images (seeded), from the run's feature cache."""
+    train = features.part_features(run_, model, "train", device, config.batch_size)
+    return train.subset(features.seeded_subset(len(train), config.train_limit, config.seed))
 
 
 def ensure_noise_set(run_: runs.Run, model, noise: str, ae: dict, config: Config, device) -> np.ndarray:
