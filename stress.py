@@ -53,8 +53,13 @@ class ClassStatistics:
     def distances(self, pooled: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """The Mahalanobis distance of each row from the statistics of its class (NumPy)."""
         pooled = np.asarray(pooled, dtype=np.float64)
-        diff = pooled - self.means[labels]
-        return np.sqrt(np.maximum(np.einsum("ni,nij,nj->n", diff, self.precisions[labels], diff), 0.0))
+        labels = np.asarray(labels)
+        squared = np.zeros(len(pooled))
+        for c in np.unique(labels):  # one C×C product per class: never an N×C×C gather
+            rows = labels == c
+            diff = pooled[rows] - self.means[c]
+            squared[rows] = np.einsum("ni,ni->n", diff @ self.precisions[c], diff)
+        return np.sqrt(np.maximum(squared, 0.0))
 
 
 class DeviationTerm:
