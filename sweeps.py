@@ -125,7 +125,7 @@ def point_summary(results: dict, results_file: Path) -> dict:
 def markdown(title: str, points: list[dict], key: str) -> str:
     names = list(points[0]["auc"]) if points else []
     lines = [f"**{title}**", "", f"| {key} | λ | success | mean AUC [95% CI] | " + " | ".join(names)
-             + " | log-lik. HFC AEs | s/image |", "|---|" * (len(names) + 6) + "|"]
+             + " | log-lik. HFC AEs | s/image |", "|" + "---|" * (len(names) + 6)]
     for p in points:
         ci = p["mean_auc_ci"]
         lines.append(f"| {p['num_component'] if key == 'M' else p['lamda']:g} | {p['lamda']:.3g} | {p['success']:.3f} | "

@@ -193,11 +193,11 @@ def white_box_row(config: Config, victim: runs.Run) -> dict | None:
 
 
 def markdown(result: dict) -> str:
-    names = list(next((r["detectors"] for r in result["rows"].values() if r["detectors"]), {}))
+    names = list(next((r["detectors"] for r in result["rows"].values() if r["detectors"]), {})) or ["detectors"]
     title = (f"**{result['dataset']}: AEs crafted on {result['surrogate']} ({result['surrogate_arch']}), scored on "
              f"{result['victim']} ({result['victim_arch']}); {result['attack']}, n_eval = {result['n_eval']}**")
     lines = [title, "", "| row | success on victim | on surrogate | mean AUC | " + " | ".join(names) + " |",
-             "|---|" * (len(names) + 4) + "|"]
+             "|" + "---|" * (len(names) + 4)]
     for row, r in result["rows"].items():
         lines.append(f"| {row} | {report.cell(r['success'], r['success_ci'])} | {r['surrogate_success']:.3f} | "
                      f"{report.cell(r['mean_auc'], r['mean_auc_ci'])} | "

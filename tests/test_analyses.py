@@ -55,6 +55,12 @@ def in_pipeline(pipeline, monkeypatch):
     return pipeline / "runs_synthetic" / "resnet18"
 
 
+def _table_is_regular(markdown: str) -> bool:
+    """Every row of the Markdown table has the header's number of cells, and the rule is a rule."""
+    rows = [line for line in markdown.splitlines() if line.startswith("|")]
+    return len(rows) >= 3 and len({row.count("|") for row in rows}) == 1 and set(rows[1]) <= set("|-")
+
+
 def _exit_line(capsys, main, argv) -> str:
     capsys.readouterr()  # what earlier calls printed
     with pytest.raises(SystemExit) as exc:
@@ -144,7 +150,7 @@ def test_stress_stage_on_the_tiny_run(in_pipeline, capsys):
         assert small["linf_256"] <= 1 + 1e-3 and large["linf_256"] <= 4 + 1e-3
         assert np.isfinite(saved["direction_consistency"][layer["name"]])
         assert -1 <= saved["direction_consistency"][layer["name"]] <= 1
-    assert (out / "stress.md").is_file() and (out / "stress.png").is_file()
+    assert _table_is_regular((out / "stress.md").read_text()) and (out / "stress.png").is_file()
     assert result["direction_attack"]["attack"] == "I_FGSM_Linf_4"
 
     # a second run reuses every piece (their files are not rewritten)
@@ -163,6 +169,7 @@ def test_stress_stage_on_the_tiny_run(in_pipeline, capsys):
     pair = side["medical_over_natural"]["synthetic (resnet18) / imagenette (resnet18)"]
     assert all(value == pytest.approx(1.0) for stage in pair.values() for value in stage.values())
     assert (in_pipeline / "side" / "side_by_side.png").is_file()
+    assert _table_is_regular((in_pipeline / "side" / "side_by_side.md").read_text().split("\n\n**")[0])
 
     err = _exit_line(capsys, stress_test.main, COMMON + ["--epsilons", "one"])
     assert "--epsilons" in err
@@ -211,6 +218,7 @@ def test_ood_stage_on_the_tiny_run(in_pipeline, capsys):
             assert 0 <= low <= auc <= high <= 1
     assert result["by_radius"]["32"]["radius_px"] == pytest.approx(32 * 32 / 256)
     assert (in_pipeline / "ood" / "ood.png").is_file()
+    assert _table_is_regular((in_pipeline / "ood" / "ood.md").read_text())
     err = _exit_line(capsys, ood_lesion.main, COMMON + ["--radii", "0"])
     assert "--radii" in err
 
@@ -234,6 +242,7 @@ def test_sweeps_on_the_tiny_run(in_pipeline, capsys, monkeypatch):
     assert result["lambda"]["points"][0]["lamda"] == 0
     for name in ("m_sweep.png", "lambda_sweep.png", "m_sweep.md", "lambda_sweep.md"):
         assert (in_pipeline / "sweeps" / name).is_file()
+    assert _table_is_regular((in_pipeline / "sweeps" / "m_sweep.md").read_text())
 
     # again: every point is reused, no stage runs
     import get_GMM
@@ -332,6 +341,12 @@ def test_transfer_stage_on_the_tiny_run(in_pipeline, capsys):
         if fooled.any():
             assert set(entry["detectors"]) == {"KD", "BU", "KD+BU", "LID", "MAHA", "SVM", "DNN"}
     assert result["rows"]["hfc_transfer"]["lamda"] == 1
+    assert _table_is_regular((out / "transfer.md").read_text())
+    # a row that fools the victim nowhere is reported with empty detectors, and the table stays whole
+    empty = json.loads(json.dumps(saved))
+    for row in empty["rows"].values():
+        row.update(success=0.0, mean_auc=None, mean_auc_ci=None, success_ci=None, detectors={})
+    assert _table_is_regular(transfer.markdown(empty))
     stamp = (out / "hfc_transfer" / runs.PIECE_FILE).stat().st_mtime_ns
     transfer.main(argv)
     assert (out / "hfc_transfer" / runs.PIECE_FILE).stat().st_mtime_ns == stamp  # reused
