@@ -123,14 +123,17 @@ def point_summary(results: dict, results_file: Path) -> dict:
 
 
 def markdown(title: str, points: list[dict], key: str) -> str:
+    """The sweep as a table: one row per point (M sweep: M and the λ each point used)."""
     names = list(points[0]["auc"]) if points else []
-    lines = [f"**{title}**", "", f"| {key} | λ | success | mean AUC [95% CI] | " + " | ".join(names)
-             + " | log-lik. HFC AEs | s/image |", "|" + "---|" * (len(names) + 6)]
+    first = ["M", "λ"] if key == "M" else ["λ"]
+    header = first + ["success", "mean AUC [95% CI]", *names, "log-lik. HFC AEs", "s/image"]
+    lines = [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for p in points:
-        ci = p["mean_auc_ci"]
-        lines.append(f"| {p['num_component'] if key == 'M' else p['lamda']:g} | {p['lamda']:.3g} | {p['success']:.3f} | "
-                     f"{report.cell(p['mean_auc'], ci)} | " + " | ".join(f"{p['auc'][n]:.3f}" for n in names)
-                     + f" | {p['mixture_log_likelihood']['hfc']:.4g} | {p['seconds_per_image']:.2f} |")
+        cells = ([f"{p['num_component']:d}", f"{p['lamda']:.3g}"] if key == "M" else [f"{p['lamda']:.3g}"])
+        cells += [f"{p['success']:.3f}", report.cell(p["mean_auc"], p["mean_auc_ci"]),
+                  *(f"{p['auc'][n]:.3f}" for n in names), f"{p['mixture_log_likelihood']['hfc']:.4g}",
+                  f"{p['seconds_per_image']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
