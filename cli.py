@@ -58,6 +58,25 @@ def open_unit(v: float) -> str | None:
     return None if 0 < v < 1 else f"must lie in (0, 1), got {v:g}"
 
 
+def numbers(text: str, kind: type = float) -> list:
+    """The values of a comma-list flag (``"1,2,4"``), blanks skipped."""
+    return [kind(v) for v in text.split(",") if v.strip()]
+
+
+def number_list(smallest_ok: Callable[[float], bool], need: str, kind: type = float) -> Check:
+    """The domain of a comma-list flag: numbers of ``kind`` (float, int), at least one, whose smallest
+    passes ``smallest_ok``; ``need`` completes "must list ..." (e.g. "at least one positive ε")."""
+    noun = "integers" if kind is int else "numbers"
+
+    def check(text: str) -> str | None:
+        try:
+            values = numbers(text, kind)
+        except ValueError:
+            return f"must be a comma list of {noun}, got {text!r}"
+        return None if values and smallest_ok(min(values)) else f"must list {need}"
+    return check
+
+
 # ----------------------------------------------------------------------------------- configs
 
 def _known_dataset(name: str) -> str | None:

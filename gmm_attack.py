@@ -51,13 +51,8 @@ def lamda_value(text: str) -> str | None:
         return f"must be a number or 'auto', got {text!r}"
 
 
-def grid_value(text: str) -> str | None:
-    """The domain of ``--lamda-grid``: a comma list of positive numbers."""
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        return f"must be a comma list of numbers, got {text!r}"
-    return None if values and min(values) > 0 else "must list at least one positive λ"
+# The domain of ``--lamda-grid``: a comma list of positive numbers.
+grid_value = cli.number_list(lambda v: v > 0, "at least one positive λ")
 
 
 @dataclass
@@ -84,7 +79,7 @@ class TermAttackConfig(cli.RunConfig):
 
     def lamda_candidates(self) -> list[float]:
         """The grid of --lamda auto, as floats in the order given."""
-        return [float(v) for v in self.lamda_grid.split(",") if v.strip()]
+        return cli.numbers(self.lamda_grid)
 
     def lamda_search(self) -> dict:
         """The λ flags as keyword arguments: for composing a config, and for a record's settings."""

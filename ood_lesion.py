@@ -31,6 +31,7 @@ import cli
 import detectors
 import evaluation
 import features
+import gmm
 import lesions
 import metrics
 import plots
@@ -42,25 +43,17 @@ STAGE = "ood"
 SCORES = ("mixture", "max_softmax", "maha")
 
 
-def radius_list(text: str) -> str | None:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        return f"must be a comma list of numbers, got {text!r}"
-    return None if values and min(values) > 0 else "must list at least one positive radius"
-
-
 @dataclass
 class Config(cli.RunConfig):
-    num_component: int = cli.flag(8, "mixture components M: uses gmm_M<y>/ from get_GMM.py", short="-y",
+    num_component: int = cli.flag(gmm.DEFAULT_NUM_COMPONENTS, "mixture components M: uses gmm_M<y>/ from get_GMM.py", short="-y",
                                   check=cli.at_least(1))
     radii: str = cli.flag(",".join(str(r) for r in lesions.RADII_256), "lesion radii in pixels at 256 px",
-                          check=radius_list)
+                          check=cli.number_list(lambda v: v > 0, "at least one positive radius"))
     limit: int = cli.flag(200, "test images used (seeded choice; 0 = all)", check=cli.non_negative)
     batch_size: int = cli.flag(32, "batch size", short="-b", check=cli.at_least(1))
 
     def radius_values(self) -> list[float]:
-        return [float(v) for v in self.radii.split(",") if v.strip()]
+        return cli.numbers(self.radii)
 
 
 class Piece(runs.Piece):

@@ -42,18 +42,10 @@ import utils
 STAGE = "stress"
 
 
-def epsilon_list(text: str) -> str | None:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        return f"must be a comma list of numbers, got {text!r}"
-    return None if values and min(values) > 0 else "must list at least one positive ε"
-
-
 @dataclass
 class Config(cli.RunConfig):
     epsilons: str = cli.flag(",".join(f"{e:g}" for e in stress.EPSILONS_256), "budgets ε in units of 1/256",
-                             check=epsilon_list)
+                             check=cli.number_list(lambda v: v > 0, "at least one positive ε"))
     direction_eps: float = cli.flag(1.0, "ε (×1/256) of the targeted I_FGSM whose feature shifts give the direction "
                                          "consistency", check=cli.positive)
     limit: int = cli.flag(32, "correctly classified test images attacked (seeded choice)", check=cli.at_least(2))
@@ -63,7 +55,7 @@ class Config(cli.RunConfig):
     out: str | None = cli.flag(None, "folder for --side-by-side's files")
 
     def epsilon_values(self) -> list[float]:
-        return [float(v) for v in self.epsilons.split(",") if v.strip()]
+        return cli.numbers(self.epsilons)
 
 
 class Piece(runs.Piece):
@@ -92,9 +84,16 @@ def run(config: Config) -> dict:
 
     train = features.part_features(run_, model, "train", device)
     test = features.part_features(run_, model, "test", device)
-    statistics = {layer: stress.ClassStatistics.fit(train.pooled[layer], train.labels, model.num_classes)
-                  for layer in tqdm(layers, desc="clean statistics", leave=False)}
-    reference = {layer: statistics[layer].distances(test.pooled[layer], test.labels) for layer in layers}
+    fitted: dict[int, tuple[stress.ClassStatistics, np.ndarray]] = {}
+
+    def clean_fit(layer: int) -> tuple[stress.ClassStatistics, np.ndarray]:
+        """A layer's clean class statistics and the test images' distances: fitted only for a layer
+        with a piece still to make (a rerun that reuses every piece fits nothing)."""
+        if layer not in fitted:
+            statistics = stress.ClassStatistics.fit(train.pooled[layer], train.labels, model.num_classes)
+            fitted[layer] = (statistics, statistics.distances(test.pooled[layer], test.labels))
+        return fitted[layer]
+
     correct = np.flatnonzero(test.predictions == test.labels)
     if len(correct) < 2:
         raise utils.UserError(f"only {len(correct)} test images are classified correctly; train the model longer")
@@ -110,17 +109,18 @@ def run(config: Config) -> dict:
         if piece.done():
             result = piece.result()
         else:
-            adv = stress.deviation_attack(model, images, labels, statistics[layer], layer, eps, device=device,
+            statistics, reference = clean_fit(layer)
+            adv = stress.deviation_attack(model, images, labels, statistics, layer, eps, device=device,
                                           seed=config.seed, batch_size=config.batch_size)
             adv_pooled = features.extract(model, adv, device, config.batch_size, progress=False).pooled[layer]
-            adv_distances = statistics[layer].distances(adv_pooled, labels)
-            clean_distances = reference[layer][chosen]
+            adv_distances = statistics.distances(adv_pooled, labels)
+            clean_distances = reference[chosen]
             linf = float((adv - images).abs().amax()) * 256
 
             def write(folder, adv_distances=adv_distances):
                 utils.save_npz(folder / "distances.npz", adv=adv_distances, clean=clean_distances)
                 return [folder / "distances.npz"]
-            result = piece.write({**stress.deviation_summary(adv_distances, clean_distances, reference[layer]),
+            result = piece.write({**stress.deviation_summary(adv_distances, clean_distances, reference),
                                   "linf_256": linf}, write)
         deviation.setdefault(f"{eps:g}", {})[name] = result
 

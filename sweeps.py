@@ -32,32 +32,18 @@ import utils
 SWEEPS = ("m", "lambda")
 
 
-def int_list(text: str) -> str | None:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        return f"must be a comma list of integers, got {text!r}"
-    return None if values and min(values) >= 1 else "must list at least one M ≥ 1"
-
-
-def lamda_list(text: str) -> str | None:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        return f"must be a comma list of numbers, got {text!r}"
-    return None if values and min(values) >= 0 else "must list at least one λ ≥ 0"
-
-
 @dataclass
 class Config(cli.RunConfig):
     attack: str = cli.flag("I_FGSM_Linf_1", "base attack whose A_eval HFC attacks (its detectors score it)")
     sweeps: str = cli.flag("m,lambda", "which sweeps to run: m, lambda or both",
                            check=lambda t: None if t and set(t.split(",")) <= set(SWEEPS) else f"expected a comma "
                            f"list of {', '.join(SWEEPS)}")
-    m_values: str = cli.flag("1,2,4,8,16,64", "M of the M sweep", check=int_list)
+    m_values: str = cli.flag("1,2,4,8,16,64", "M of the M sweep",
+                             check=cli.number_list(lambda v: v >= 1, "at least one M ≥ 1", int))
     m_lamda: str = cli.flag("auto", "λ of every point of the M sweep, or 'auto' (each M its own, chosen on A_fit)",
                             check=gmm_attack.lamda_value)
-    lamda_values: str = cli.flag("0,0.0001,0.001,0.01,0.1,1", "λ of the λ sweep", check=lamda_list)
+    lamda_values: str = cli.flag("0,0.0001,0.001,0.01,0.1,1", "λ of the λ sweep",
+                                 check=cli.number_list(lambda v: v >= 0, "at least one λ ≥ 0"))
     lamda_m: int = cli.flag(gmm.DEFAULT_NUM_COMPONENTS, "M of the λ sweep", check=cli.at_least(1))
     term: str = cli.flag(gmm_attack.DEFAULT_TERM, "form of the HFC term (gmm_attack.py --term)",
                          choices=tuple(gmm_attack.hfc.TERMS))
@@ -87,10 +73,10 @@ MADE_BY = {"checkpoint": "train", "attack_set": "attack", "noise_set": "noise", 
 
 
 def check_inputs(config: Config) -> None:
-    """The model, the base AEs, the noise set and the detectors must exist: one line naming the
-    stage that makes the first one missing."""
+    """The model, the base AEs, the noise set and the detectors the HFC stage reads (its inputs in
+    ``reproduce.plan``) must exist: one line naming the stage that makes the first one missing."""
     run_ = runs.Run.of(config)
-    inputs = gmm_attack.stage_inputs(run_, config.attack, config.attack, "Noise_Linf_2", config.lamda_m)
+    inputs = point_stages(config, config.lamda_m, "0")[-1].inputs
     for role, stage in MADE_BY.items():
         if not Path(inputs[role]).is_file():
             extra = f"--attack {config.attack}" if stage in ("attack", "detectors") else ""
@@ -145,10 +131,10 @@ def run(config: Config) -> dict:
     written = {}
     for sweep in config.sweep_list():
         if sweep == "m":
-            points = [run_point(config, m, config.m_lamda) for m in (int(v) for v in config.m_values.split(","))]
+            points = [run_point(config, m, config.m_lamda) for m in cli.numbers(config.m_values, int)]
             key, title = "M", f"{run_.dataset} / {config.arch} / {config.attack}: HFC against M (λ {config.m_lamda})"
         else:
-            lamdas = [gmm_attack.hfc.lamda_text(v) for v in config.lamda_values.split(",") if v.strip()]
+            lamdas = [gmm_attack.hfc.lamda_text(v) for v in cli.numbers(config.lamda_values)]
             points = [run_point(config, config.lamda_m, lam) for lam in lamdas]
             key, title = "λ", f"{run_.dataset} / {config.arch} / {config.attack}: HFC against λ (M = {config.lamda_m})"
         result = {"dataset": run_.dataset, "arch": config.arch, "attack": config.attack, "sweep": sweep,
