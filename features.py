@@ -14,8 +14,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import datasets
 import network
-from utils import batches
+import runs
+from utils import batches, load_npz, replacing_dir, save_npz, write_json
 
 
 def seeded_subset(n: int, limit: int | None, seed: int) -> np.ndarray:
@@ -162,10 +164,6 @@ def part_features(run_, model, part: str, device: torch.device | str | None = No
     record (the checkpoint and split it was made from): the stages that read a part's features
     (get_GMM.py, stress_test.py, ood_lesion.py, the sweeps) share one forward pass. A cache whose
     checkpoint or split changed since is made again."""
-    import datasets
-    import runs
-    from utils import load_npz, replacing_dir, save_npz, write_json
-
     folder = run_.dir / "features" / part
     summary = folder / runs.SUMMARY
     inputs = {"checkpoint": run_.checkpoint, "split": run_.split}

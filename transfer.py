@@ -30,6 +30,7 @@ import aesets
 import attacks
 import cli
 import evaluation
+import gen_base_adv
 import gmm_attack
 import hfc
 import report
@@ -61,16 +62,15 @@ def main(argv=None) -> dict:
     return run(Config.from_argv(argv))
 
 
-def surrogate_run(config: Config) -> tuple[runs.Run, str]:
+def load_surrogate(config: Config, device) -> tuple[runs.Run, object, str]:
+    """The surrogate's run, model and arch (read from its checkpoint unless --surrogate-arch says)."""
     if not config.surrogate:
         raise utils.UserError("--surrogate is required: the run (under runs_<DATASET>/) the AEs are crafted on")
     folder = runs.Run(config.dataset, config.arch, config.surrogate).dir
-    arch = config.surrogate_arch
-    if arch is None:
-        arch = saver.read_checkpoint(folder / runs.CHECKPOINT,
-                                     hint=f"train the surrogate first: train.py -a ARCH -n {config.surrogate} "
-                                          f"--dataset {config.dataset} --seed S")["meta"]["arch"]
-    return runs.Run(config.dataset, arch, config.surrogate), arch
+    model, meta = saver.load_model(folder / runs.CHECKPOINT, device, arch=config.surrogate_arch,
+                                   hint=f"train the surrogate first: train.py -a ARCH -n {config.surrogate} "
+                                        f"--dataset {config.dataset} --seed S")
+    return runs.Run(config.dataset, meta["arch"], config.surrogate), model, meta["arch"]
 
 
 def run(config: Config) -> dict:
@@ -80,13 +80,11 @@ def run(config: Config) -> dict:
         raise utils.UserError(f"--attack must be an attack, not the noise set {spec.name}")
     noise = attacks.parse_attack(config.noise).name
     victim = runs.Run.of(config)
-    surrogate, surrogate_arch = surrogate_run(config)
-    if surrogate.dir.resolve() == victim.dir.resolve():
+    if config.surrogate and runs.Run(config.dataset, config.arch, config.surrogate).dir.resolve() == victim.dir.resolve():
         raise utils.UserError("--surrogate names the victim itself; that is the white-box row (gmm_attack.py)")
     device = utils.prepare_runtime(config.device, config.seed, config.threads)
+    surrogate, surrogate_model, surrogate_arch = load_surrogate(config, device)
     victim_model, _ = saver.load_model(victim.checkpoint, device, arch=config.arch, hint=victim.hint("train"))
-    surrogate_model, _ = saver.load_model(surrogate.checkpoint, device, arch=surrogate_arch,
-                                          hint=surrogate.hint("train"))
     sets = evaluation.load_protocol_sets(victim, spec.name, noise)
     fitted = evaluation.load_fresh_detectors(victim, spec.name)
     mixtures = evaluation.load_fresh_mixtures(surrogate, config.num_component, need_scales=hfc.needs_scales(config.term))
@@ -110,10 +108,8 @@ def run(config: Config) -> dict:
         if not piece.done():
             print(f"== {row} (crafted on {surrogate.dir})")
             adv, meta = craft(config, row, spec, surrogate_model, mixtures, base, eval_pos, step_256, steps, device)
-            with torch.no_grad():
-                victim_success = np.concatenate([
-                    (victim_model(torch.from_numpy(adv[part]).to(device)).argmax(1).cpu().numpy() == targets[part])
-                    for part in utils.batches(len(adv), config.batch_size)])
+            victim_success = gen_base_adv.predict(victim_model, torch.from_numpy(adv), device,
+                                                  config.batch_size) == targets
             meta["victim_success"] = float(victim_success.mean())
 
             def write(folder, adv=adv, victim_success=victim_success, meta=meta):
