@@ -1,6 +1,6 @@
 """Adversarial-example sets on disk: ``<folder>/adv.npz`` + ``<folder>/summary.json``.
 
-``adv.npz`` holds float32 ``clean`` and ``adv`` (N×3×H×W in [0, 1], the same order), int64
+``adv.npz`` holds float32 ``clean`` and ``adv`` (N×3×H×W, or volumes N×1×D×H×W, in [0, 1], the same order), int64
 ``labels``, ``targets`` and ``index`` (positions in the run's test part; the order defines the
 protocol's set A) and bool ``success``. Every save and every load checks the invariants of
 docs/PROTOCOL.md §5 (L∞ ≤ ε, values in [0, 1], consistent shapes); a violation is an error.
@@ -35,8 +35,9 @@ def _numpy(value, dtype) -> np.ndarray:
 def check_ae_set(arrays: dict[str, np.ndarray], eps: float | None, where: str = "AE set") -> None:
     """Raise InvariantError unless shapes, order, range and (when eps is given) budget hold."""
     clean, adv = arrays["clean"], arrays["adv"]
-    if clean.ndim != 4 or clean.shape != adv.shape:
-        raise InvariantError(f"{where}: clean {clean.shape} and adv {adv.shape} must be equal N×C×H×W shapes")
+    if clean.ndim not in (4, 5) or clean.shape != adv.shape:
+        raise InvariantError(f"{where}: clean {clean.shape} and adv {adv.shape} must be equal N×C×H×W (or "
+                             "N×C×D×H×W) shapes")
     n = len(clean)
     for key in ("labels", "targets", "success", "index"):
         if arrays[key].shape != (n,):

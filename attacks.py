@@ -428,8 +428,14 @@ def run_attack(model, images: torch.Tensor, targets, spec: AttackSpec, *, extra:
     device = _model_device(model) if device is None else torch.device(device)
     images = torch.as_tensor(images)
     targets = torch.as_tensor(np.asarray(targets), dtype=torch.int64)
-    if images.dim() != 4 or len(targets) != len(images):
-        raise ValueError(f"expected images N×C×H×W and N targets, got {tuple(images.shape)} and {len(targets)}")
+    if images.dim() not in (4, 5) or len(targets) != len(images):
+        raise ValueError(f"expected images N×C×H×W (or volumes N×C×D×H×W) and N targets, got "
+                         f"{tuple(images.shape)} and {len(targets)}")
+    if images.dim() == 5 and (cfg.di_prob > 0 or cfg.ti_kernel):
+        # Input diversity resizes a 2D picture and TI smooths the gradient with a 2D kernel; the
+        # papers define neither for volumes.
+        raise UserError("DI_FGSM and TI_FGSM transform 2D images; they are not defined for volumes: "
+                        "choose FGSM, I_FGSM, PGD, MI_FGSM or CW")
     if len(images) and (float(images.min()) < 0.0 or float(images.max()) > 1.0):
         raise ValueError("images must lie in [0, 1]")
     gen = torch.Generator().manual_seed(int(seed))

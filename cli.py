@@ -118,7 +118,7 @@ class RunConfig:
 
     arch: str = flag("resnet50", "model architecture", short="-a", check=_known_arch)
     name: str | None = flag(None, "run name under runs_<DATASET>/ (default: the arch)", short="-n")
-    dataset: str = flag("synthetic", "APTOS, CXR, imagenette or synthetic, case-insensitive", check=_known_dataset)
+    dataset: str = flag("synthetic", "APTOS, CXR, imagenette, synthetic, brain3d or brain2d, case-insensitive", check=_known_dataset)
     seed: int = flag(0, "seed of every random choice", check=non_negative)
     device: str | None = flag(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
     threads: int | None = flag(None, "torch CPU threads (default: torch's; 1 is faster on a busy CPU)",

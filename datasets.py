@@ -1,4 +1,4 @@
-"""Data sets (APTOS, CXR, imagenette, synthetic), the seeded train/val/test split, and the decode cache.
+"""Data sets (APTOS, CXR, imagenette, synthetic, brain3d/brain2d), the seeded train/val/test split, and the decode cache.
 
 docs/PROTOCOL.md §3. ``REGISTRY`` holds everything that differs between data sets, one
 ``DatasetInfo`` each (defaults, flips, classes, layout, how to list and to load the images);
@@ -24,13 +24,15 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from brain3d import BRAIN3D_TEST, BRAIN3D_TRAIN, BRAIN3D_VERSION, brain3d_pool, brain3d_slices, brain3d_volumes
 from synthetic import SYNTHETIC_TEST, SYNTHETIC_TRAIN, SYNTHETIC_VERSION, synthetic_images, synthetic_pool
-from utils import UserError, load_npz, read_json, save_npz, to_float_images, write_json
+from utils import UserError, cache_dir_default, load_npz, read_json, save_npz, to_float_images, write_json
 
 SPLIT_FILE = "split.json"
 PARTS = ("train", "val", "test")
 VAL_FRACTION = 0.15          # validation carved from the training pool (seeded, stratified)
 APTOS_TEST_FRACTION = 0.2    # APTOS has no labelled test set: seeded, stratified 80/20
+MIN_IMAGE_SIZE = 16          # the smallest --image-size (a volume's side) the networks still reduce to 1
 
 APTOS_LAYOUT = "<root>/train.csv (columns id_code,diagnosis) and <root>/train_images/<id_code>.png"
 CXR_CLASSES = ("NORMAL", "PNEUMONIA")
@@ -64,12 +66,12 @@ class DatasetInfo:
     root is None for a generated set; rng is the split's generator (a catalog may draw from it,
     before the validation carve). Images come either from files, ``decode(path, size) -> uint8
     H×W×3`` (cached), or, for a generated set, ``render(ids, labels, seed, size) -> uint8
-    N×size×size×3``.
+    N×size×size×3`` (a volumetric set: N×size×size×size×1, channel last like the images).
     """
     name: str                                   # canonical spelling: runs_<name>/, split.json
     image_size: int                             # default --image-size
     epochs: int                                 # default train.py --epochs
-    flip_dims: tuple[int, ...]                  # training-only random flips (dims of N×3×H×W)
+    flip_dims: tuple[int, ...]                  # training-only random flips (dims of N×C×H×W or N×C×D×H×W)
     max_train_per_class: int | None             # default --max-train-per-class (None: no cap)
     classes: dict[int, tuple[str, ...]]         # --num-classes allowed -> class names
     list_split: Callable[..., Listing]
@@ -77,6 +79,8 @@ class DatasetInfo:
     lr_schedule: str = "plateau"                # default train.py --lr-schedule
     batch_size: int | None = None               # default train.py -b (None: 64 on a GPU, 16 on a CPU)
     natural: bool = False                       # natural photographs (the stress test's control), not medical
+    volumetric: bool = False                    # 1-channel volumes N×1×D×H×W (a 3D arch), not 3-channel images
+    pool_sizes: tuple[int, int] | None = None   # a generated set's default training- and test-pool sizes
     layout: str | None = None                   # "the ... layout <root>/...", for errors (None: generated)
     decode: Callable[[Path, int], np.ndarray] | None = None
     render: Callable[[list[str], np.ndarray, int, int], np.ndarray] | None = None
@@ -93,10 +97,6 @@ def get(name: str) -> DatasetInfo:
         if str(name).lower() == known.lower():
             return info
     raise UserError(f"unknown dataset {name!r}; expected one of {', '.join(REGISTRY)} (case-insensitive)")
-
-
-def cache_dir_default() -> Path:
-    return Path(os.environ.get("HFC_CACHE_DIR") or ".cache")
 
 
 def default_data_root(dataset: str) -> Path:
@@ -227,6 +227,12 @@ def _list_imagenette(root: Path, *, imagenette_pair: str = IMAGENETTE_PAIR, **_)
                    {"imagenette_pair": ",".join(wnids), "class_names": [IMAGENETTE_NAMES[w] for w in wnids]})
 
 
+def _list_brain(root: None, *, seed: int, synthetic_train: int, synthetic_test: int, **_) -> Listing:
+    # brain3d and brain2d list the same subjects: brain2d's images are brain3d's centre slices.
+    return Listing(brain3d_pool("train", synthetic_train, seed), brain3d_pool("test", synthetic_test, seed),
+                   {"generated": {"train": synthetic_train, "test": synthetic_test, "generator": f"brain3d v{BRAIN3D_VERSION}"}})
+
+
 def _list_synthetic(root: None, *, seed: int, synthetic_train: int, synthetic_test: int, **_) -> Listing:
     return Listing(synthetic_pool("train", synthetic_train, seed), synthetic_pool("test", synthetic_test, seed),
                    {"synthetic": {"train": synthetic_train, "test": synthetic_test, "generator": SYNTHETIC_VERSION}})
@@ -248,19 +254,23 @@ def _stratified_mask(strata: np.ndarray, fraction: float, rng: np.random.Generat
 
 def prepare_split(dataset: str, data_root: str | Path | None = None, image_size: int | None = None,
                   num_classes: int = 2, seed: int = 0, val_fraction: float = VAL_FRACTION,
-                  max_train_per_class: int | None = None, synthetic_train: int = SYNTHETIC_TRAIN,
-                  synthetic_test: int = SYNTHETIC_TEST, imagenette_pair: str = IMAGENETTE_PAIR) -> dict[str, Any]:
+                  max_train_per_class: int | None = None, synthetic_train: int | None = None,
+                  synthetic_test: int | None = None, imagenette_pair: str = IMAGENETTE_PAIR) -> dict[str, Any]:
     """Decide the train/val/test parts (ids and labels); the result is what split.json holds.
 
     Validation is carved (seeded, stratified) from the training pool, never from test. With
     ``max_train_per_class`` the training pool is first reduced per class (seeded) so that at
     most that many images per class remain for training after the validation carve.
+    ``synthetic_train``/``synthetic_test``: a generated set's pool sizes (default: its own).
     """
     info = get(dataset)
     _check_num_classes(info, num_classes)
     image_size = int(image_size or info.image_size)
-    if image_size < 16:
-        raise UserError(f"--image-size {image_size} is too small (at least 16)")
+    if image_size < MIN_IMAGE_SIZE:
+        raise UserError(f"--image-size {image_size} is too small (at least {MIN_IMAGE_SIZE})")
+    if info.pool_sizes:
+        synthetic_train = synthetic_train or info.pool_sizes[0]
+        synthetic_test = synthetic_test or info.pool_sizes[1]
     if not 0 < val_fraction < 1:
         raise UserError(f"validation fraction {val_fraction} must lie in (0, 1)")
     rng = np.random.default_rng([seed, 101])
@@ -309,6 +319,16 @@ def read_split(run_dir: str | Path) -> dict[str, Any]:
         if key not in split:
             raise UserError(f"{Path(run_dir) / SPLIT_FILE} lacks {key!r}; re-run train.py")
     return split
+
+
+def check_model_fits(info: DatasetInfo, model, arch: str) -> None:
+    """A 3D arch for a volumetric set, a 2D one otherwise (UserError naming the archs that fit)."""
+    if info.volumetric == (model.spatial_dims == 3):
+        return
+    import network  # here, not at the top: network imports nothing of the data sets
+    fitting = [a for a in network.ARCHS if (a in network.resnet3d.RESNETS3D) == info.volumetric]
+    what = "1-channel volumes" if info.volumetric else "images"
+    raise UserError(f"-a {arch} does not read {what}, which {info.name} holds; choose one of {', '.join(fitting)}")
 
 
 def describe_split(split: dict[str, Any]) -> dict[str, dict[str, int]]:
@@ -457,5 +477,17 @@ REGISTRY: dict[str, DatasetInfo] = {
         # would make it a quarter of the steps. The one GPU run, at batch 64, gave base AEs that
         # only two detectors of seven caught with AUC >= 0.9 (five or six on the CPU runs).
         batch_size=16,
-        classes={2: ("healthy", "lesions")}, list_split=_list_synthetic, render=synthetic_images),
+        classes={2: ("healthy", "lesions")}, list_split=_list_synthetic, render=synthetic_images,
+        pool_sizes=(SYNTHETIC_TRAIN, SYNTHETIC_TEST)),
+    # The 3D testbed (docs/PROTOCOL.md §11): MNI152 brains, warped per subject, with synthetic
+    # lesions in class 1 (brain3d.py); no download. brain2d is the same subjects' centre axial
+    # slices, the 2D side of the 2D-vs-3D comparison.
+    "brain3d": DatasetInfo(
+        name="brain3d", image_size=32, epochs=20, flip_dims=(4,), max_train_per_class=None,
+        classes={2: ("no lesion", "lesion")}, list_split=_list_brain, render=brain3d_volumes, lr_schedule="cosine",
+        batch_size=16, volumetric=True, pool_sizes=(BRAIN3D_TRAIN, BRAIN3D_TEST)),
+    "brain2d": DatasetInfo(
+        name="brain2d", image_size=32, epochs=20, flip_dims=(3,), max_train_per_class=None,
+        classes={2: ("no lesion", "lesion")}, list_split=_list_brain, render=brain3d_slices, lr_schedule="cosine",
+        batch_size=16, pool_sizes=(BRAIN3D_TRAIN, BRAIN3D_TEST)),
 }

@@ -735,26 +735,30 @@ class MapHead(nn.Module):
     Maps larger than 16×16 are first average-pooled to 16×16 (keeps the early, large maps
     cheap on a CPU); then a 1×1 conv to ``width`` channels, two 3×3 convs (a 2×2 max-pool
     between them on 16×16 maps), a 1×1 conv to one channel, global average -> one logit.
+    On a 3D network's maps (``spatial_dims`` 3) the same head in 3D: 16³, 3×3×3, 2×2×2.
     """
 
     MAX_SIZE = 16
 
-    def __init__(self, channels: int, width: int = 32, size: int = 16):
+    def __init__(self, channels: int, width: int = 32, size: int = 16, spatial_dims: int = 2):
         super().__init__()
+        conv, max_pool, average = ((nn.Conv2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d) if spatial_dims == 2 else
+                                   (nn.Conv3d, nn.MaxPool3d, nn.AdaptiveAvgPool3d))
         self.register_buffer("mean", torch.zeros(channels))
         self.register_buffer("std", torch.ones(channels))
-        self.shrink = nn.AdaptiveAvgPool2d(self.MAX_SIZE) if size > self.MAX_SIZE else nn.Identity()
+        self.shrink = average(self.MAX_SIZE) if size > self.MAX_SIZE else nn.Identity()
         self.body = nn.Sequential(
-            nn.Conv2d(channels, width, 1), nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2) if min(size, self.MAX_SIZE) >= 16 else nn.Identity(),
-            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, 1, 1))
+            conv(channels, width, 1), nn.ReLU(),
+            conv(width, width, 3, padding=1), nn.ReLU(),
+            max_pool(2) if min(size, self.MAX_SIZE) >= 16 else nn.Identity(),
+            conv(width, width, 3, padding=1), nn.ReLU(),
+            conv(width, 1, 1))
 
     def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
         # Average pooling commutes with the per-channel standardisation: pool first (cheaper).
-        z = (self.shrink(feature_map) - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
-        return self.body(z).mean(dim=(1, 2, 3))
+        shape = (1, -1) + (1,) * (feature_map.dim() - 2)
+        z = (self.shrink(feature_map) - self.mean.view(shape)) / self.std.view(shape)
+        return self.body(z).mean(dim=tuple(range(1, z.dim())))
 
 
 class DNN(LayerDetector):
@@ -808,15 +812,16 @@ class DNN(LayerDetector):
             self.heads_[layer] = self._train_head(layer, inputs, targets, pos_weight, device)
 
     def _new_head(self, layer: int) -> MapHead:
-        channels, height, width = self.shapes_[layer]
-        return MapHead(channels, self.width, size=min(height, width))
+        channels, *spatial = self.shapes_[layer]
+        return MapHead(channels, self.width, size=min(spatial), spatial_dims=len(spatial))
 
     def _train_head(self, layer, inputs, targets, pos_weight, device) -> MapHead:
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
             torch.manual_seed(self.seed * 1000 + layer)
             head = self._new_head(layer)
-            head.mean.copy_(inputs.mean(dim=(0, 2, 3)))
-            head.std.copy_(inputs.std(dim=(0, 2, 3)).clamp_min(1e-6))
+            over = (0, *range(2, inputs.dim()))  # every sample and position of a channel
+            head.mean.copy_(inputs.mean(dim=over))
+            head.std.copy_(inputs.std(dim=over).clamp_min(1e-6))
             head = head.to(device).train()
             optimiser = torch.optim.Adam(head.parameters(), lr=self.lr)
             order_gen = torch.Generator().manual_seed(self.seed * 1000 + layer)

@@ -15,28 +15,32 @@ import torch.nn.functional as F
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import resnet
+import resnet3d
 import vgg
 from utils import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-ARCHS = tuple(resnet.RESNETS) + tuple(vgg.VGGS)
+ARCHS = tuple(resnet.RESNETS) + tuple(vgg.VGGS) + tuple(resnet3d.RESNETS3D)
 
 
 class Normalize(nn.Module):
-    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Per-channel standardisation of N×C×(spatial) inputs (``spatial_dims`` = 2 or 3)."""
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD, spatial_dims: int = 2):
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        shape = (1, len(mean)) + (1,) * spatial_dims
+        self.register_buffer("mean", torch.tensor(mean).view(shape))
+        self.register_buffer("std", torch.tensor(std).view(shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
 
 
 class _Backbone(nn.Module):
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, mean, std, spatial_dims: int):
         super().__init__()
-        self.normalize = Normalize()
+        self.normalize = Normalize(mean, std, spatial_dims)
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,15 +72,24 @@ class HierarchicalNet(nn.Module):
             raise UserError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
         self.arch = arch
         self.num_classes = num_classes
-        family = resnet if arch in resnet.RESNETS else vgg
+        if arch in resnet.RESNETS:
+            family, net = resnet, resnet.build_resnet(arch, num_classes)
+        elif arch in resnet3d.RESNETS3D:
+            family, net = resnet3d, resnet3d.build_resnet3d(arch, num_classes)
+        else:
+            family, net = vgg, vgg.build_vgg(arch, num_classes)
         self._family = family
-        net = resnet.build_resnet(arch, num_classes) if family is resnet else vgg.build_vgg(arch, num_classes)
+        # What the model reads: 3-channel images (ImageNet statistics) or 1-channel volumes.
+        volumetric = family is resnet3d
+        self.input_channels = 1 if volumetric else 3
+        self.spatial_dims = 3 if volumetric else 2
         _no_inplace_relu(net)
-        self.backbone = _Backbone(net)
+        self.backbone = _Backbone(net, *((resnet3d.INPUT_MEAN, resnet3d.INPUT_STD) if volumetric
+                                         else (IMAGENET_MEAN, IMAGENET_STD)), self.spatial_dims)
         train_nodes, eval_nodes = get_graph_node_names(self.backbone)
         nodes = ["net." + n for n in
-                 (resnet.feature_nodes([n[4:] for n in eval_nodes if n.startswith("net.")])
-                  if family is resnet else vgg.feature_nodes(net))]
+                 (vgg.feature_nodes(net) if family is vgg
+                  else family.feature_nodes([n[4:] for n in eval_nodes if n.startswith("net.")]))]
         output_node = eval_nodes[-1]
         self._nodes = nodes
         self._output_node = output_node
@@ -90,19 +103,20 @@ class HierarchicalNet(nn.Module):
         object.__setattr__(self, "_tap_extractors", {})  # forward_to's, built on first use
         self.layer_channels, self.conv_layers, self.stage_end_layers, self.pooled_copy_layers = \
             self._probe_structure()
-        self.head_input_index = len(self.layer_names) - (1 if family is resnet else 2)
+        self.head_input_index = len(self.layer_names) - (2 if family is vgg else 1)
         self._head = nn.Sequential(*family.head_modules(net))
 
     @torch.no_grad()
     def _probe_structure(self) -> tuple[list[int], list[int], list[int], list[int]]:
-        """One eval-mode forward of a 64×64 zero image: every tap's channels, the conv taps,
-        the stage-end taps and the pooled-copy taps (all fixed by the architecture, not the
-        weights)."""
+        """One eval-mode forward of a zero input (64×64 image, 32³ volume): every tap's
+        channels, the conv taps, the stage-end taps and the pooled-copy taps (all fixed by the
+        architecture, not the weights)."""
         was_training = self.training
         self.eval()
-        _, maps = self.forward_maps(torch.zeros(1, 3, 64, 64))
+        side = 64 if self.spatial_dims == 2 else 32
+        _, maps = self.forward_maps(torch.zeros(1, self.input_channels, *(side,) * self.spatial_dims))
         self.train(was_training)
-        conv = [i for i, m in enumerate(maps) if m.dim() == 4]
+        conv = [i for i, m in enumerate(maps) if m.dim() > 2]
         # Stage ends: the last tap of each residual stage (ResNet: the name prefix ``layerK``),
         # or, when all conv taps share one prefix (VGG), the last tap before the spatial size
         # drops (the ReLU before each max-pool).
@@ -162,6 +176,8 @@ class HierarchicalNet(nn.Module):
 
     def load_imagenet(self, source: str) -> list[str]:
         """Load ImageNet weights (a local state-dict file, or 'imagenet' to download)."""
+        if self._family is resnet3d:
+            return resnet3d.load_imagenet_state(self.backbone.net, {})
         if source == "imagenet":
             import torchvision
             ctor = {**resnet.RESNETS, **vgg.VGGS}[self.arch]
@@ -186,19 +202,22 @@ class _GlobalMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, feature_map):
         ctx.shape = feature_map.shape
-        return feature_map.mean(dim=(2, 3))
+        return feature_map.mean(dim=tuple(range(2, feature_map.dim())))
 
     @staticmethod
     def backward(ctx, grad):
-        height, width = ctx.shape[2:]
-        return (grad / (height * width))[:, :, None, None].expand(ctx.shape)
+        positions = ctx.shape[2:].numel()
+        return (grad / positions)[(...,) + (None,) * (len(ctx.shape) - 2)].expand(ctx.shape)
 
 
 def pooled(feature_map: torch.Tensor) -> torch.Tensor:
-    """Global average pooling of a conv map (N×C×h×w -> N×C); FC features pass unchanged."""
-    if feature_map.dim() != 4:
+    """Global average pooling of a conv map (N×C×h×w or N×C×d×h×w -> N×C); FC features pass
+    unchanged."""
+    if feature_map.dim() <= 2:
         return feature_map
-    return _GlobalMean.apply(feature_map) if feature_map.requires_grad else feature_map.mean(dim=(2, 3))
+    if feature_map.requires_grad:
+        return _GlobalMean.apply(feature_map)
+    return feature_map.mean(dim=tuple(range(2, feature_map.dim())))
 
 
 def build_model(arch: str, num_classes: int, pretrained: str | None = None) -> HierarchicalNet:

@@ -170,3 +170,28 @@ def sweep_figure(path: Path, sweep: dict, field: str, label: str) -> None:
     ax.set_title(f"{sweep['dataset']} / {sweep['arch']} / {sweep['attack']}: {label} sweep")
     ax.legend(fontsize=8)
     save_figure(fig, path)
+
+
+def compare_2d3d(path: Path, result: dict) -> None:
+    """The 2D-vs-3D comparison: base-attack success against ε, and the feature deviation per stage."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    eps = [float(e) for e in result["epsilons_256"]]
+    for label, side in result["sides"].items():
+        left.plot(eps, [side["success_by_eps"][f"{e:g}"] for e in eps], marker="o", label=f"{label} ({side['arch']})")
+    left.axhline(result["success_bar"], color="grey", lw=0.8, ls="--")
+    left.set_xscale("log", base=2)
+    left.set_xlabel("ε (×1/256)")
+    left.set_ylabel("targeted I_FGSM success")
+    left.set_ylim(-0.02, 1.02)
+    left.legend(fontsize=8)
+    stages = list(result["deviation_3d_over_2d"])
+    width = 0.38
+    for k, (label, side) in enumerate(result["sides"].items()):
+        right.bar(np.arange(len(stages)) + (k - 0.5) * width, [side["deviation_ratio_by_stage"][s] for s in stages],
+                  width, label=label)
+    right.axhline(1.0, color="grey", lw=0.8, ls=":")
+    right.set_xticks(np.arange(len(stages)), [f"stage {s}" for s in stages])
+    right.set_yscale("log")
+    right.set_ylabel(f"median deviation / clean 99th pct (ε {result['stress_eps_256']:g}/256)")
+    right.legend(fontsize=8)
+    save_figure(fig, path)

@@ -42,7 +42,7 @@ class Config(cli.RunConfig):
     attack: str | None = cli.flag(None, "base attack (default: the data set's: I_FGSM_Linf_1, the paper's ε, on "
                                         "APTOS and CXR; I_FGSM_Linf_6 on the synthetic set)")
     data_root: str | None = cli.flag(None, "data folder (default: ./datasets/<DATASET>)")
-    image_size: int | None = cli.flag(None, "image size (default: the data set's)", check=cli.at_least(32))
+    image_size: int | None = cli.flag(None, "image size (default: the data set's)", check=cli.at_least(datasets.MIN_IMAGE_SIZE))
     epochs: int | None = cli.flag(None, "training epochs (default: train.py's)", check=cli.at_least(1))
     max_train_per_class: int | None = cli.flag(None, "cap on training images per class", check=cli.non_negative)
     limit: int | None = cli.flag(None, "attack only the first N images of A", check=cli.at_least(4))

@@ -157,9 +157,18 @@ def load_npz(path: str | Path, what: str = "arrays", hint: str = "") -> dict[str
         raise UserError(f"corrupt {what} {path} ({err})" + (f"; {hint}" if hint else "")) from None
 
 
+def cache_dir_default() -> Path:
+    """Where decoded or generated images are cached: ``$HFC_CACHE_DIR`` or ``.cache/``."""
+    return Path(os.environ.get("HFC_CACHE_DIR") or ".cache")
+
+
 def to_float_images(images: np.ndarray) -> torch.Tensor:
-    """uint8 N×H×W×3 -> float32 N×3×H×W in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    """uint8 channel-last -> float32 channel-first in [0, 1]: N×H×W×3 -> N×3×H×W, and volumes
+    N×D×H×W×1 -> N×1×D×H×W."""
+    # An image batch keeps the channel-last strides (oneDNN's faster 2D layout); a volume batch is
+    # made contiguous (its 3D convolutions are faster so).
+    floats = torch.from_numpy(np.ascontiguousarray(images)).movedim(-1, 1).float().div_(255.0)
+    return floats if floats.dim() == 4 else floats.contiguous()
 
 
 def batches(n: int, batch_size: int):
