@@ -1,7 +1,8 @@
 """The main job: every stage in order, then the report.
 
-    python reproduce.py                      # the embedded synthetic set, ResNet-50, I_FGSM_Linf_1
+    python reproduce.py                      # the embedded synthetic set, ResNet-50, I_FGSM_Linf_6
     python reproduce.py --dataset APTOS --data-root ../shared/data/aptos2019 --limit 200
+    python reproduce.py --dataset brain3d -a r3d18   # the 3D testbed (32³ volumes), I_FGSM_Linf_4
 
 Stages (each skipped when its artifacts in runs_<DATASET>/<arch>/ were made with the same
 settings from the current versions of their inputs, as their records say; --force redoes them all): train.py -> gen_base_adv.py (the base attack) -> extract_features.py (the noise set
@@ -40,7 +41,7 @@ import utils
 @dataclass
 class Config(cli.RunConfig):
     attack: str | None = cli.flag(None, "base attack (default: the data set's: I_FGSM_Linf_1, the paper's ε, on "
-                                        "APTOS and CXR; I_FGSM_Linf_6 on the synthetic set)")
+                                        "APTOS and CXR; I_FGSM_Linf_6 on the synthetic set; I_FGSM_Linf_4 on brain3d)")
     data_root: str | None = cli.flag(None, "data folder (default: ./datasets/<DATASET>)")
     image_size: int | None = cli.flag(None, "image size (default: the data set's)", check=cli.at_least(datasets.MIN_IMAGE_SIZE))
     epochs: int | None = cli.flag(None, "training epochs (default: train.py's)", check=cli.at_least(1))
