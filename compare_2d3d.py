@@ -34,7 +34,9 @@ import cli
 import datasets
 import evaluation
 import features
+import metrics
 import plots
+import report
 import runs
 import saver
 import stress_test
@@ -95,7 +97,7 @@ def run(config: Config) -> dict:
     targets = evaluation.choose_targets(labels[chosen], loaded["3D"].num_classes, config.seed)
     common = {"seed": config.seed, "subjects": [int(i) for i in chosen]}
 
-    result_sides = {}
+    result_sides, flags = {}, {label: {} for label in sides}
     for label, run_ in sides.items():
         model, images = loaded[label], tests[label].images[torch.from_numpy(chosen)]
         inputs = {"checkpoint": run_.checkpoint, "split": run_.split}
@@ -111,6 +113,7 @@ def run(config: Config) -> dict:
                     utils.save_npz(folder / "success.npz", success=success.numpy(), targets=targets)
                     return [folder / "success.npz"]
                 piece.write({"success": float(success.float().mean())}, write)
+            flags[label][f"{eps:g}"] = utils.load_npz(piece.folder / "success.npz", "success flags")["success"]
             curve[f"{eps:g}"] = piece.result()["success"]
         reached = [eps for eps in config.epsilon_values() if curve[f"{eps:g}"] >= SUCCESS_BAR]
         stress = stress_test.run(stress_test.Config(
@@ -121,7 +124,8 @@ def run(config: Config) -> dict:
         result_sides[label] = {
             "dataset": run_.dataset, "arch": run_.arch, "run": str(run_.dir),
             "test_accuracy": utils.read_json(run_.train_summary, "training summary", run_.hint("train")).get("test_acc"),
-            "success_by_eps": curve, "smallest_eps_95": min(reached) if reached else None,
+            "success_by_eps": curve, "success_ci_by_eps": {e: metrics.success_interval(f) for e, f in flags[label].items()},
+            "smallest_eps_95": min(reached) if reached else None,
             "deviation_ratio_by_stage": {str(k + 1): row[layer["name"]]["ratio_to_clean_p99"]
                                          for k, layer in enumerate(stress["layers"])},
             "stage_layers": [layer["name"] for layer in stress["layers"]],
@@ -132,7 +136,9 @@ def run(config: Config) -> dict:
     ratio = {s: result_sides["3D"]["deviation_ratio_by_stage"][s] / result_sides["2D"]["deviation_ratio_by_stage"][s]
              for s in stages}
     result = {"epsilons_256": config.epsilon_values(), "stress_eps_256": config.stress_eps, "n_subjects": len(chosen),
-              "success_bar": SUCCESS_BAR, "sides": result_sides, "deviation_3d_over_2d": ratio,
+              "success_bar": SUCCESS_BAR, "sides": result_sides,
+              "success_3d_minus_2d": {e: paired_difference(flags["3D"][e], flags["2D"][e]) for e in flags["3D"]},
+              "deviation_3d_over_2d": ratio,
               "claim": claim(result_sides, ratio), "seconds": round(time.perf_counter() - started, 1)}
     out = sides["3D"].dir.parent
     text = markdown(result)
@@ -145,6 +151,15 @@ def run(config: Config) -> dict:
     print(text)
     print(f"2D vs 3D: {result['seconds']:.0f} s -> {out / (STAGE + '.json')}")
     return result
+
+
+def paired_difference(success_3d: np.ndarray, success_2d: np.ndarray) -> dict:
+    """3D's success minus 2D's on the same subjects, with its 95 % interval: the same bootstrap draws
+    of subjects for both (by image, 1000 seeded resamples)."""
+    draws = metrics.ImageBootstrap(len(success_3d))
+    difference = draws.rate(np.asarray(success_3d, bool)) - draws.rate(np.asarray(success_2d, bool))
+    return {"difference": float(np.mean(success_3d) - np.mean(success_2d)),
+            "ci": metrics.percentile_interval(difference)}
 
 
 def claim(sides: dict, ratio: dict) -> str:
@@ -172,8 +187,13 @@ def markdown(result: dict) -> str:
     for label, side in sides.items():
         smallest = side["smallest_eps_95"]
         lines.append(f"| {label} ({side['arch']} on {side['dataset']}) | {side['test_accuracy']:.3f} | "
-                     + " | ".join(f"{side['success_by_eps'][f'{e:g}']:.3f}" for e in eps_list)
+                     + " | ".join(report.cell(side["success_by_eps"][f"{e:g}"], side["success_ci_by_eps"][f"{e:g}"])
+                                  for e in eps_list)
                      + f" | {'not reached' if smallest is None else f'{smallest:g}'} |")
+    difference = result["success_3d_minus_2d"]
+    lines.append("| 3D − 2D (paired) | | " + " | ".join(report.cell(difference[f"{e:g}"]["difference"],
+                                                                    difference[f"{e:g}"]["ci"]) for e in eps_list)
+                 + " | |")
     stages = list(result["deviation_3d_over_2d"])
     lines += ["", (f"**Feature deviation at ε = {result['stress_eps_256']:g}/256 (median Mahalanobis deviation / "
                    "clean 99th percentile, per stage)**"), "",

@@ -106,13 +106,14 @@ def test_reproduce_runs_every_stage_on_volumes(runs_3d):
     base, summary = runs_3d
     run_dir = base / "runs_brain3d" / "r3d18"
     assert set(summary["stage_seconds"]) == {"train", "attack", "detectors", "mixtures", "hfc"}
-    [results_file] = list((run_dir / "I_FGSM_Linf_1").glob("hfc_*/results.json"))
+    spec = attacks.parse_attack(datasets.get("brain3d").main_attack)
+    [results_file] = list((run_dir / spec.name).glob("hfc_*/results.json"))
     results = json.loads(results_file.read_text())
     assert set(results["detectors"]) == {"KD", "BU", "KD+BU", "LID", "MAHA", "SVM", "DNN"}
     for rows in results["detectors"].values():
         assert 0.0 <= rows["base"]["auc"] <= 1.0 and 0.0 <= rows["hfc"]["auc"] <= 1.0
     adv = np.load(results_file.parent / "adv.npz", allow_pickle=False)
-    assert adv["adv"].ndim == 5 and float(np.abs(adv["adv"] - adv["clean"]).max()) <= 1 / 256 + 1e-6
+    assert adv["adv"].ndim == 5 and float(np.abs(adv["adv"] - adv["clean"]).max()) <= spec.eps + 1e-6
     assert (base / "runs_brain3d" / "r3d18" / "report" / "table.md").is_file()
 
 
@@ -130,6 +131,12 @@ def test_compare_2d3d_measures_both_models_on_the_same_subjects(runs_3d, monkeyp
         assert side["smallest_eps_95"] == (min(reached) if reached else None)
         assert len(side["deviation_ratio_by_stage"]) == 4
         assert all(v > 0 for v in side["deviation_ratio_by_stage"].values())
+        for eps, (low, high) in side["success_ci_by_eps"].items():
+            assert low <= curve[eps] <= high
+    for eps, paired in result["success_3d_minus_2d"].items():
+        point = result["sides"]["3D"]["success_by_eps"][eps] - result["sides"]["2D"]["success_by_eps"][eps]
+        assert paired["difference"] == pytest.approx(point) and paired["ci"][0] <= point + 1e-12
+        assert point - 1e-12 <= paired["ci"][1]
     for stage, ratio in result["deviation_3d_over_2d"].items():
         sides = result["sides"]
         assert ratio == pytest.approx(sides["3D"]["deviation_ratio_by_stage"][stage]
