@@ -321,12 +321,12 @@ def read_split(run_dir: str | Path) -> dict[str, Any]:
     return split
 
 
-def check_model_fits(info: DatasetInfo, model, arch: str) -> None:
+def check_arch_fits(info: DatasetInfo, arch: str) -> None:
     """A 3D arch for a volumetric set, a 2D one otherwise (UserError naming the archs that fit)."""
-    if info.volumetric == (model.spatial_dims == 3):
-        return
     import network  # here, not at the top: network imports nothing of the data sets
-    fitting = [a for a in network.ARCHS if (a in network.resnet3d.RESNETS3D) == info.volumetric]
+    if info.volumetric == network.is_volumetric(arch):
+        return
+    fitting = [a for a in network.ARCHS if network.is_volumetric(a) == info.volumetric]
     what = "1-channel volumes" if info.volumetric else "images"
     raise UserError(f"-a {arch} does not read {what}, which {info.name} holds; choose one of {', '.join(fitting)}")
 

@@ -220,6 +220,11 @@ def pooled(feature_map: torch.Tensor) -> torch.Tensor:
     return feature_map.mean(dim=tuple(range(2, feature_map.dim())))
 
 
+def is_volumetric(arch: str) -> bool:
+    """True for an arch that reads 1-channel volumes (N×1×D×H×W), False for 3-channel images."""
+    return arch in resnet3d.RESNETS3D
+
+
 def build_model(arch: str, num_classes: int, pretrained: str | None = None) -> HierarchicalNet:
     model = HierarchicalNet(arch, num_classes)
     if pretrained:

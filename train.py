@@ -77,6 +77,7 @@ def run(config: Config) -> dict:
     started = time.time()
     info = datasets.get(config.dataset)
     dataset = info.name
+    datasets.check_arch_fits(info, config.arch)
     run_ = runs.Run.of(config)
     device = utils.prepare_runtime(config.device, config.seed, config.threads)
     epochs = config.epochs if config.epochs is not None else info.epochs
@@ -104,7 +105,6 @@ def run(config: Config) -> dict:
             for part, (images, labels) in arrays.items()}
 
     model = build_model(config.arch, split["num_classes"], config.pretrained)
-    datasets.check_model_fits(info, model, config.arch)
     # channels_last: oneDNN's 2D convolutions run markedly faster in this layout on a CPU (its 3D
     # convolutions run slower in channels_last_3d: 0.072 against 0.040 s per volume and step).
     model = model.to(device, memory_format=_memory_format(model.spatial_dims + 2))
