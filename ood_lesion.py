@@ -29,6 +29,7 @@ import torch
 
 import cli
 import detectors
+import datasets
 import evaluation
 import features
 import gmm
@@ -81,6 +82,11 @@ def main(argv=None) -> dict:
 
 def run(config: Config) -> dict:
     started = time.perf_counter()
+    if datasets.get(config.dataset).volumetric:
+        # The lesion generator paints 2D ellipses into pictures; brain3d's class 1 already holds
+        # 3D lesions from its own generator.
+        raise utils.UserError(f"ood_lesion.py pastes 2D lesions into images; {config.dataset} holds volumes "
+                              "(its class 1 already carries 3D lesions)")
     run_ = runs.Run.of(config)
     device = utils.prepare_runtime(config.device, config.seed, config.threads)
     model, _ = saver.load_model(run_.checkpoint, device, arch=config.arch, hint=run_.hint("train"))

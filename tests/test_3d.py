@@ -157,3 +157,11 @@ def test_compare_2d3d_refuses_a_2d_data_set_and_a_missing_model(runs_3d, monkeyp
         compare_2d3d.main(["--dataset", "synthetic", "--device", "cpu"])
     with pytest.raises(utils.UserError, match="train.py"):
         compare_2d3d.main(["--arch-2d", "resnet50", "--device", "cpu"])
+
+
+def test_ood_lesions_are_refused_on_volumes(tmp_path, monkeypatch):
+    import ood_lesion
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(utils.UserError, match="holds volumes"):
+        ood_lesion.main(["-a", "r3d18", "--dataset", "brain3d", "--device", "cpu"])
