@@ -61,6 +61,21 @@ class Config(cli.RunConfig):
     pretrained: str | None = cli.flag(None, "start from ImageNet weights (a local torchvision state dict, or "
                                             "'imagenet' to download)", metavar="PATH|imagenet")
     workers: int | None = cli.flag(None, "image-decoding threads (default: up to 4)", check=cli.at_least(1))
+
+    def __post_init__(self):
+        super().__post_init__()
+        # The pool sizes are resolved here, so that the recorded settings name them: a generated
+        # set's own defaults; for a set read from files (where they are unused) the values every
+        # earlier record holds, so that those runs stay up to date.
+        try:
+            pools = datasets.get(self.dataset).pool_sizes
+        except utils.UserError:
+            pools = None  # an unknown data set is reported by the run
+        pools = pools or (datasets.SYNTHETIC_TRAIN, datasets.SYNTHETIC_TEST)
+        if self.synthetic_train is None:
+            self.synthetic_train = pools[0]
+        if self.synthetic_test is None:
+            self.synthetic_test = pools[1]
     resume: bool = cli.flag(False, "continue from the run's checkpoint (its split, weights, optimizer and epoch)")
 
 
