@@ -114,7 +114,7 @@ def run(config: Config) -> dict:
                     return [folder / "success.npz"]
                 piece.write({"success": float(success.float().mean())}, write)
             flags[label][f"{eps:g}"] = utils.load_npz(piece.folder / "success.npz", "success flags")["success"]
-            curve[f"{eps:g}"] = piece.result()["success"]
+            curve[f"{eps:g}"] = float(np.mean(flags[label][f"{eps:g}"]))
         reached = [eps for eps in config.epsilon_values() if curve[f"{eps:g}"] >= SUCCESS_BAR]
         stress = stress_test.run(stress_test.Config(
             arch=run_.arch, name=run_.name, dataset=run_.dataset, seed=config.seed, device=config.device,
@@ -123,7 +123,7 @@ def run(config: Config) -> dict:
         row = stress["deviation"][f"{config.stress_eps:g}"]
         result_sides[label] = {
             "dataset": run_.dataset, "arch": run_.arch, "run": str(run_.dir),
-            "test_accuracy": utils.read_json(run_.train_summary, "training summary", run_.hint("train")).get("test_acc"),
+            "test_accuracy": stress["test_accuracy"],
             "success_by_eps": curve, "success_ci_by_eps": {e: metrics.success_interval(f) for e, f in flags[label].items()},
             "smallest_eps_95": min(reached) if reached else None,
             "deviation_ratio_by_stage": {str(k + 1): row[layer["name"]]["ratio_to_clean_p99"]

@@ -24,6 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+import network
 from brain3d import BRAIN3D_TEST, BRAIN3D_TRAIN, BRAIN3D_VERSION, brain3d_pool, brain3d_slices, brain3d_volumes
 from synthetic import SYNTHETIC_TEST, SYNTHETIC_TRAIN, SYNTHETIC_VERSION, synthetic_images, synthetic_pool
 from utils import UserError, cache_dir_default, load_npz, read_json, save_npz, to_float_images, write_json
@@ -323,7 +324,6 @@ def read_split(run_dir: str | Path) -> dict[str, Any]:
 
 def check_arch_fits(info: DatasetInfo, arch: str) -> None:
     """A 3D arch for a volumetric set, a 2D one otherwise (UserError naming the archs that fit)."""
-    import network  # here, not at the top: network imports nothing of the data sets
     if info.volumetric == network.is_volumetric(arch):
         return
     fitting = [a for a in network.ARCHS if network.is_volumetric(a) == info.volumetric]

@@ -80,7 +80,7 @@ class HierarchicalNet(nn.Module):
             family, net = vgg, vgg.build_vgg(arch, num_classes)
         self._family = family
         # What the model reads: 3-channel images (ImageNet statistics) or 1-channel volumes.
-        volumetric = family is resnet3d
+        volumetric = is_volumetric(arch)
         self.input_channels = 1 if volumetric else 3
         self.spatial_dims = 3 if volumetric else 2
         _no_inplace_relu(net)

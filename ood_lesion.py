@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 import cli
-import detectors
 import datasets
+import detectors
 import evaluation
 import features
 import gmm

@@ -61,6 +61,7 @@ class Config(cli.RunConfig):
     pretrained: str | None = cli.flag(None, "start from ImageNet weights (a local torchvision state dict, or "
                                             "'imagenet' to download)", metavar="PATH|imagenet")
     workers: int | None = cli.flag(None, "image-decoding threads (default: up to 4)", check=cli.at_least(1))
+    resume: bool = cli.flag(False, "continue from the run's checkpoint (its split, weights, optimizer and epoch)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -76,7 +77,6 @@ class Config(cli.RunConfig):
             self.synthetic_train = pools[0]
         if self.synthetic_test is None:
             self.synthetic_test = pools[1]
-    resume: bool = cli.flag(False, "continue from the run's checkpoint (its split, weights, optimizer and epoch)")
 
 
 def main(argv=None) -> dict:
