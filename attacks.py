@@ -263,6 +263,33 @@ def orthogonal_gradient(class_grad: torch.Tensor, score_grad: torch.Tensor, dete
     return torch.where(where, orthogonal_part(score_grad, class_grad), orthogonal_part(class_grad, score_grad))
 
 
+def first_order_reach(model, images: torch.Tensor, targets, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, the targeted margin m = max_{j≠t} z_j − z_t at ``images`` and the budget's
+    first-order reach on it, ε·‖∇_x m‖₁: how far one linearised step inside the L∞ ball of
+    radius ``eps`` can lower m. reach/m < 1 means that, to first order, the budget cannot take the
+    image to its target at all (a smooth model, not masked gradients, when the gradient is not
+    zero); reach/m ≫ 1 leaves room beyond the boundary, which is what an added term such as HFC's
+    can spend on hiding. Both as float64 arrays, in the model's eval mode (one forward and one
+    backward pass; the model's own mode is restored)."""
+    device = _model_device(model)
+    x = images.detach().to(device, torch.float32).clone().requires_grad_(True)
+    targets = torch.as_tensor(targets, dtype=torch.long, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            margin = classification_loss(model(x), targets, "cw", kappa=math.inf) * len(x)  # the sum of the margins
+            (grad,) = torch.autograd.grad(margin, x)
+    finally:
+        model.train(was_training)
+    with torch.no_grad():
+        logits = model(x)
+        target_logit = logits.gather(1, targets[:, None]).squeeze(1)
+        margins = logits.scatter(1, targets[:, None], float("-inf")).amax(dim=1) - target_logit
+    reach = eps * grad.flatten(1).double().abs().sum(1)
+    return margins.double().cpu().numpy(), reach.cpu().numpy()
+
+
 def _forward_features(model, inputs: torch.Tensor, extra) -> tuple[torch.Tensor, list]:
     """Logits and the features ``extra`` reads: the un-pooled maps of every tap when it says
     ``uses_maps``, else the pooled features (only ``extra.layers`` when it has that attribute)."""

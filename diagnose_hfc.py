@@ -205,6 +205,23 @@ def measure(model, term: hfc.HFCTerm, scales: torch.Tensor, images: dict[str, np
     return out
 
 
+def budget_reach(model, clean: np.ndarray, targets: np.ndarray, eps: float, batch_size: int) -> dict[str, Any]:
+    """The budget's first-order reach at the clean images (``attacks.first_order_reach``): the
+    medians of the targeted margin m, of ε‖∇_x m‖₁ and of their ratio, the ratio's 10 % quantile,
+    and how many images the budget cannot take to their target to first order (ratio < 1). A
+    ratio well above 1 is room beyond the boundary for the term to spend on hiding."""
+    margins, reach = [], []
+    for part in utils.batches(len(targets), batch_size):
+        m, r = attacks.first_order_reach(model, torch.from_numpy(clean[part]), targets[part], eps)
+        margins.append(m)
+        reach.append(r)
+    margins, reach = np.concatenate(margins), np.concatenate(reach)
+    ratio = reach / np.maximum(margins, np.finfo(np.float64).tiny)
+    return {"margin_median": float(np.median(margins)), "reach_median": float(np.median(reach)),
+            "ratio_median": float(np.median(ratio)), "ratio_q10": float(np.quantile(ratio, 0.1)),
+            "below_one": int((ratio < 1).sum())}
+
+
 # ----------------------------------------------------------------------------------- the summary
 
 def _median(values: np.ndarray) -> np.ndarray:
@@ -282,6 +299,14 @@ def _g(value) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
+def _reach_lines(reach: dict[str, Any] | None, n_images: int) -> list[str]:
+    if reach is None:
+        return []
+    return [(f"The budget's first-order reach at the clean images, ε‖∇m‖₁ / m (m: the targeted margin): median "
+            f"{reach['ratio_median']:.3g}, 10 % quantile {reach['ratio_q10']:.3g} (median m {reach['margin_median']:.3g}, "
+            f"median ε‖∇m‖₁ {reach['reach_median']:.3g}); {reach['below_one']} of {n_images} images below 1."), ""]
+
+
 def format_markdown(diagnosis: dict[str, Any]) -> str:
     """The summary, a table per stage (terms summed over its layers, blocking layers counted) and
     a table per layer."""
@@ -292,6 +317,7 @@ def format_markdown(diagnosis: dict[str, Any]) -> str:
            f"M = {diagnosis['num_component']}, {diagnosis['n_images']} images of A_eval, class loss "
            f"{diagnosis['class_loss']} ({diagnosis['loss']}), λ = {lam:g}"
            + (f", HFC set {diagnosis['hfc_set']}" if diagnosis["hfc_set"] else "") + "**", "",
+           *_reach_lines(diagnosis.get("reach"), diagnosis["n_images"]),
            ("Per-layer term (1/C)‖(f − μ_k*)L_k*‖², medians over images; cos and ratio: medians of cos(g_l, g_cls) "
            "and ‖g_l‖/‖g_cls‖. A layer blocks at λ when cos < 0 and λ·ratio > 1."), ""]
     out += [("| point | term cos (paper) | term ratio (paper) | term cos (normalised) | term ratio (normalised) "
@@ -441,6 +467,7 @@ def run(config: Config) -> dict:
     started = time.perf_counter()
     measured = measure(model, term, scale_table(mixtures, term.layers), images, labels, targets,
                        loss=engine["loss"], kappa=engine["kappa"], batch_size=config.batch_size)
+    reach = budget_reach(model, images["clean"], targets, spec.eps, config.batch_size)
     seconds = time.perf_counter() - started
     diagnosis = {
         "dataset": run_.dataset, "arch": config.arch, "attack": spec.name, "epsilon_256": spec.eps_256,
@@ -448,7 +475,7 @@ def run(config: Config) -> dict:
         "images_of": "A_eval", "n_images": len(eval_pos), "index": base["index"][eval_pos].tolist(),
         "class_loss": config.class_loss, "loss": engine["loss"],
         "kappa": engine["kappa"] if engine["loss"] == "cw" else None, "lamda": config.lamda,
-        "success": success, "n_layers": len(term.layers),
+        "success": success, "n_layers": len(term.layers), "reach": reach,
         **summarise(model, mixtures, term, measured, targets, config.lamda), "seconds": round(seconds, 2)}
 
     out = config.out_dir(run_)
@@ -461,6 +488,9 @@ def run(config: Config) -> dict:
     summary = diagnosis["summary"]
     print(f"HFC diagnosis of {len(eval_pos)} A_eval images, {len(term.layers)} layers, M = {config.num_component}, "
           f"class loss {config.class_loss} ({engine['loss']}), {seconds:.0f} s")
+    print(f"  budget's first-order reach at the clean images: ε‖∇m‖₁ / margin median {reach['ratio_median']:.3g} "
+          f"(10 % quantile {reach['ratio_q10']:.3g}; margin {reach['margin_median']:.3g}); "
+          f"{reach['below_one']} of {len(eval_pos)} below 1")
     print("  sum over layers of the median term: " + ", ".join(
         f"{row} {_g(value)}" for row, value in summary["sum_median_term"].items() if value is not None))
     for p in diagnosis["points"]:

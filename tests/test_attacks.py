@@ -399,3 +399,23 @@ def test_cw_loss_in_a_base_attack(method):
     assert not torch.equal(adv[4:], images[4:])
     moved, _ = run_attack(TinyNet(), images, targets, spec, progress=False)
     assert not torch.equal(moved[:4], images[:4])
+
+
+def test_first_order_reach_is_exact_on_a_linear_model():
+    # For two classes and a linear model the margin is linear in x, so one signed step of ε lowers
+    # it by exactly the reach; a budget whose reach is below the margin cannot flip the image.
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2)).train()
+    images = 0.3 + 0.4 * torch.rand(6, 3, 8, 8)
+    targets = torch.ones(6, dtype=torch.long)
+    eps = 2 / 256
+    margins, reach = attacks.first_order_reach(model, images, targets, eps)
+    assert model.training  # its mode is restored
+    weights = model[1].weight.detach().double()
+    assert reach == pytest.approx(eps * (weights[0] - weights[1]).abs().sum().item() * torch.ones(6).numpy())
+    with torch.no_grad():
+        logits = model(images).double()
+        assert margins == pytest.approx((logits[:, 0] - logits[:, 1]).numpy())
+        stepped = images - eps * torch.sign(weights[0] - weights[1]).float().view(1, 3, 8, 8)
+        after = model(stepped).double()
+    assert margins - (after[:, 0] - after[:, 1]).numpy() == pytest.approx(reach, rel=1e-4)

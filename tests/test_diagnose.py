@@ -161,6 +161,17 @@ def test_diagnosis_of_a_tiny_run(pipeline, monkeypatch, capsys):
     # the clean images sit in their own class's mixtures, and HFC pulls the AEs back in.
     assert sums["clean_own"] < sums["base_target"] and sums["hfc_target"] < sums["base_target"]
 
+    # the budget's first-order reach at the same clean images, as attacks.first_order_reach gives it
+    model, _ = saver.load_model(pipeline / "runs_synthetic" / "resnet18")
+    margins, reach = attacks.first_order_reach(model, torch.from_numpy(base["clean"][eval_pos[:8]]), targets,
+                                               attacks.parse_attack(ATTACK).eps)
+    ratio = reach / margins
+    assert np.all(margins > 0)  # the clean images are classified as their own class, not the target
+    assert saved["reach"] == pytest.approx({"margin_median": np.median(margins), "reach_median": np.median(reach),
+                                            "ratio_median": np.median(ratio), "ratio_q10": np.quantile(ratio, 0.1),
+                                            "below_one": int((ratio < 1).sum())})
+    assert "first-order reach" in md
+
 
 def _strict_json(path):
     def refuse(constant):
