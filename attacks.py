@@ -240,9 +240,13 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor, loss: str =
         return logits.new_zeros(())
     if loss == "ce":
         return F.cross_entropy(logits, targets)
+    return target_margin(logits, targets).clamp(min=-kappa).mean()
+
+
+def target_margin(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per sample, max_{j≠t} z_j − z_t: negative once the sample is classified as its target."""
     target_logit = logits.gather(1, targets[:, None]).squeeze(1)
-    others = logits.scatter(1, targets[:, None], float("-inf")).amax(dim=1)
-    return (others - target_logit).clamp(min=-kappa).mean()
+    return logits.scatter(1, targets[:, None], float("-inf")).amax(dim=1) - target_logit
 
 
 def orthogonal_part(grad: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
@@ -278,16 +282,12 @@ def first_order_reach(model, images: torch.Tensor, targets, eps: float) -> tuple
     model.eval()
     try:
         with torch.enable_grad():
-            margin = classification_loss(model(x), targets, "cw", kappa=math.inf) * len(x)  # the sum of the margins
-            (grad,) = torch.autograd.grad(margin, x)
+            margins = target_margin(model(x), targets)
+            (grad,) = torch.autograd.grad(margins.sum(), x)  # each image's margin depends on it alone
     finally:
         model.train(was_training)
-    with torch.no_grad():
-        logits = model(x)
-        target_logit = logits.gather(1, targets[:, None]).squeeze(1)
-        margins = logits.scatter(1, targets[:, None], float("-inf")).amax(dim=1) - target_logit
     reach = eps * grad.flatten(1).double().abs().sum(1)
-    return margins.double().cpu().numpy(), reach.cpu().numpy()
+    return margins.detach().double().cpu().numpy(), reach.cpu().numpy()
 
 
 def _forward_features(model, inputs: torch.Tensor, extra) -> tuple[torch.Tensor, list]:
