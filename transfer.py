@@ -51,6 +51,8 @@ class Config(gmm_attack.TermAttackConfig):
     term: str = cli.flag(gmm_attack.DEFAULT_TERM, "form of the HFC term (gmm_attack.py --term)",
                          choices=tuple(hfc.TERMS))
     limit: int | None = cli.flag(None, "attack only the first N images of A_eval", check=cli.at_least(2))
+    min_scored: int = cli.flag(10, "score a row's detectors only when at least this many of its AEs fool the victim "
+                                   "(an AUC over one or two AEs says nothing)", check=cli.at_least(1))
     batch_size: int = cli.flag(32, "attack batch size", short="-b", check=cli.at_least(1))
 
 
@@ -122,14 +124,16 @@ def run(config: Config) -> dict:
         rows[row] = (saved["adv"], saved["success"])
         info[row] = piece.result()
 
-    # A row none of whose AEs fools the victim has nothing to score: its detectors stay empty.
-    scorable = {row: value for row, value in rows.items() if value[1].any()}
+    # A row with too few AEs that fool the victim has nothing worth scoring: its detectors stay empty
+    # (and its n_success says why), rather than an AUC over one image with an interval that looks tight.
+    scorable = {row: value for row, value in rows.items() if int(value[1].sum()) >= config.min_scored}
     scored = evaluation.score_table(victim_model, fitted, clean, sets["noisy"][eval_pos], scorable, device=device,
                                     batch_size=config.batch_size) if scorable else None
     white_box = white_box_row(config, victim)
     table = {}
     for row in ROWS:
-        entry = {"success": float(rows[row][1].mean()), "surrogate_success": info[row]["surrogate_success"],
+        entry = {"success": float(rows[row][1].mean()), "n_success": int(rows[row][1].sum()),
+                 "surrogate_success": info[row]["surrogate_success"],
                  "lamda": info[row].get("lamda"), "success_ci": None, "mean_auc": None, "mean_auc_ci": None,
                  "detectors": {}}
         if row in scorable:
@@ -141,6 +145,7 @@ def run(config: Config) -> dict:
     result = {"dataset": victim.dataset, "victim": str(victim.dir), "victim_arch": config.arch,
               "surrogate": str(surrogate.dir), "surrogate_arch": surrogate_arch, "attack": spec.name,
               "epsilon_256": spec.eps_256, "n_eval": len(eval_pos), "num_component": config.num_component,
+              "min_scored": config.min_scored,
               "rows": table,
               "white_box_hfc": white_box, "seconds": round(time.perf_counter() - started, 1)}
     text = markdown(result)
@@ -195,8 +200,9 @@ def markdown(result: dict) -> str:
     lines = [title, "", "| row | success on victim | on surrogate | mean AUC | " + " | ".join(names) + " |",
              "|" + "---|" * (len(names) + 4)]
     for row, r in result["rows"].items():
+        unscored = f"too few to score ({r.get('n_success', 0)} AEs fool the victim)"
         lines.append(f"| {row} | {report.cell(r['success'], r['success_ci'])} | {r['surrogate_success']:.3f} | "
-                     f"{report.cell(r['mean_auc'], r['mean_auc_ci'])} | "
+                     f"{report.cell(r['mean_auc'], r['mean_auc_ci']) if r['detectors'] else unscored} | "
                      + " | ".join(f"{r['detectors'][n]['auc']:.3f}" if r["detectors"] else "—" for n in names) + " |")
     wb = result["white_box_hfc"]
     if wb:

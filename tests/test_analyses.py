@@ -322,7 +322,8 @@ def test_transfer_stage_on_the_tiny_run(in_pipeline, capsys):
     assert "get_GMM.py" in err and "-n seed1" in err
     get_GMM.main(COMMON + ["-n", "seed1", "-y", "2", "--jobs", "1"])
 
-    argv = COMMON + ["--attack", ATTACK, "--surrogate", "seed1", "-y", "2", "--lamda", "1", "--limit", "8"]
+    argv = COMMON + ["--attack", ATTACK, "--surrogate", "seed1", "-y", "2", "--lamda", "1", "--limit", "8",
+                     "--min-scored", "1"]
     result = transfer.main(argv)
     out = in_pipeline / ATTACK / "transfer" / "seed1"
     saved = json.loads((out / "transfer.json").read_text())
@@ -338,6 +339,7 @@ def test_transfer_stage_on_the_tiny_run(in_pipeline, capsys):
             fooled = model(torch.from_numpy(adv["adv"])).argmax(1).numpy() == adv["targets"]
         assert entry["success"] == pytest.approx(fooled.mean())
         assert 0 <= entry["surrogate_success"] <= 1
+        assert entry["n_success"] == fooled.sum()
         if fooled.any():
             assert set(entry["detectors"]) == {"KD", "BU", "KD+BU", "LID", "MAHA", "SVM", "DNN"}
     assert result["rows"]["hfc_transfer"]["lamda"] == 1
@@ -348,5 +350,8 @@ def test_transfer_stage_on_the_tiny_run(in_pipeline, capsys):
         row.update(success=0.0, mean_auc=None, mean_auc_ci=None, success_ci=None, detectors={})
     assert _table_is_regular(transfer.markdown(empty))
     stamp = (out / "hfc_transfer" / runs.PIECE_FILE).stat().st_mtime_ns
-    transfer.main(argv)
+    # asked again with a bar no row reaches: the AEs are reused, and no row is scored on too few of them
+    strict = transfer.main(argv[:-1] + ["9"])
     assert (out / "hfc_transfer" / runs.PIECE_FILE).stat().st_mtime_ns == stamp  # reused
+    assert all(not r["detectors"] and r["mean_auc"] is None for r in strict["rows"].values())
+    assert "too few to score" in (out / "transfer.md").read_text()
