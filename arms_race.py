@@ -53,6 +53,7 @@ import features
 import gmm
 import gmm_attack
 import hfc
+import metrics
 import plots
 import report
 import runs
@@ -73,6 +74,7 @@ FOLDER = "arms_race"
 RESULT_FILE = "arms_race.json"
 PIECE_FILE = runs.PIECE_FILE
 REPORTS_FILE = "reports.json"
+REPLICATES_FILE = "auc_replicates.npz"
 STAGE = "arms_race"
 
 
@@ -428,15 +430,19 @@ class _Stage:
     # -- scoring
     def scores(self, defender_set: str, attacker: str, ae_folder: Path, made_from: Path,
                fitted: Callable[[], dict[str, detectors.Detector]]) -> dict[str, Any]:
-        """Score one attacker's A_eval AEs with one set of detectors (``evaluation.score_rows``), or reuse."""
-        settings = {**self.common(f"scores_{defender_set}_{attacker}"), "limit": self.config.limit}
+        """Score one attacker's A_eval AEs with one set of detectors (``evaluation.score_table``), or
+        reuse. The result carries each detector's AUC and TNR@90 with their intervals, and (not
+        written to the JSON) ``replicates``: each detector's AUC per bootstrap resample, the same
+        draws in every piece, so a round that merges pieces averages them resample by resample."""
+        settings = {**self.common(f"scores_{defender_set}_{attacker}"), "limit": self.config.limit,
+                    "bootstrap": evaluation.bootstrap_settings()}
         inputs = {**self.base_inputs(), "detectors": made_from,
                   "aes": ae_folder / aesets.AE_FILE}
         if defender_set == "fixed":
             inputs["mixtures"] = self.run.mixtures_dir(self.config.num_component) / runs.MIXTURES
         piece = self.use(Piece(self.out / "scores" / f"{defender_set}__{attacker}", settings, inputs))
         if piece.done():
-            return piece.result()
+            return {**piece.result(), "replicates": _load_replicates(piece.folder)}
         tqdm.write(f"== scores: {defender_set} detectors on {attacker} AEs")
         base = self.sets["base"]
         ae = aesets.load_ae_set(ae_folder, hint="run arms_race.py again")
@@ -444,39 +450,56 @@ class _Stage:
                               "run arms_race.py again")
         adv, success = ae["adv"][rows], ae["success"][rows].astype(bool)
         result: dict[str, Any] = {"success": float(success.mean()), "n_success": int(success.sum()), "detectors": None}
-        reports = None
+        reports, replicates = None, {}
         if success.any():
-            table, _, extracted = evaluation.score_rows(self.model, fitted(), base["clean"][self.eval_pos],
-                                                        self.sets["noisy"][self.eval_pos], {attacker: (adv, success)},
-                                                        device=self.device, batch_size=self.config.batch_size)
-            reports = {name: per_row[attacker] for name, per_row in table.items()}
-            result["detectors"] = {name: {"auc": float(r["auc"]), "tnr90": float(r["tnr90"])}
+            scored = evaluation.score_table(self.model, fitted(), base["clean"][self.eval_pos],
+                                            self.sets["noisy"][self.eval_pos], {attacker: (adv, success)},
+                                            device=self.device, batch_size=self.config.batch_size)
+            reports = {name: per_row[attacker] for name, per_row in scored.table.items()}
+            replicates = scored.auc_replicates[attacker]
+            result["detectors"] = {name: {key: r[key] for key in ("auc", "tnr90", "auc_ci", "tnr90_ci")}
                                    for name, r in reports.items()}
             if defender_set == "fixed":
                 loglik = evaluation.mixture_log_likelihood(self.model, self.mixtures, {attacker: (adv, success)},
                                                            base["targets"][self.eval_pos], self.device,
-                                                           extracted=extracted)
+                                                           extracted=scored.features)
                 result["mixture_log_likelihood"] = loglik[attacker]
 
         def write(staging: Path) -> list[Path]:
             utils.write_json(staging / REPORTS_FILE, {"attacker": attacker, "defender_set": defender_set,
                                                       "reports": reports})
-            return [staging / REPORTS_FILE]
-        return piece.write(result, write)
+            utils.save_npz(staging / REPLICATES_FILE, **{name.replace("+", "_"): values
+                                                         for name, values in replicates.items()})
+            return [staging / REPORTS_FILE, staging / REPLICATES_FILE]
+        return {**piece.write(result, write), "replicates": replicates}
+
+
+def _load_replicates(folder: Path) -> dict[str, np.ndarray]:
+    """A scores piece's per-resample AUCs, by detector name."""
+    saved = utils.load_npz(folder / REPLICATES_FILE, "bootstrap replicates", hint="run arms_race.py again")
+    return {name: saved[name.replace("+", "_")] for name in NAMES if name.replace("+", "_") in saved}
 
 
 def _round(attacker: str, defender: str, success: float, parts: list[dict[str, Any]],
            note: str | None = None) -> dict[str, Any]:
     """One round: the defender's detectors (the merged scores of ``parts``; None for a detector the
-    defender does not have), their mean and best AUC."""
+    defender does not have), their mean AUC with its bootstrap interval (the detectors' AUCs
+    averaged per resample; every part was scored on the same images with the same draws), and the
+    best AUC."""
     merged: dict[str, Any] = {}
+    replicates: dict[str, np.ndarray] = {}
     for part in parts:
         merged.update(part.get("detectors") or {})
+        replicates.update(part.get("replicates") or {})
     per = {name: merged.get(name) for name in NAMES}
-    aucs = [m["auc"] for m in per.values() if m is not None]
+    present = [name for name, m in per.items() if m is not None]
+    aucs = [per[name]["auc"] for name in present]
+    interval = None
+    if present and all(name in replicates for name in present):
+        interval = metrics.percentile_interval(np.mean([replicates[name] for name in present], axis=0))
     out = {"attacker": attacker, "defender": defender, "success": success,
-           "mean_auc": float(np.mean(aucs)) if aucs else None, "max_auc": float(np.max(aucs)) if aucs else None,
-           "detectors": per}
+           "mean_auc": float(np.mean(aucs)) if aucs else None, "mean_auc_ci": interval,
+           "max_auc": float(np.max(aucs)) if aucs else None, "detectors": per}
     if note:
         out["note"] = note
     return out
@@ -556,7 +579,8 @@ def format_rounds(result: dict[str, Any], fmt: str = "md") -> str:
     lines = [["attacker", "defender", "success", "mean AUC", *NAMES]]
     for r in result["rounds"]:
         cells = [number(m["auc"]) + f" ({m['tnr90']:.2f})" if m else "-" for m in r["detectors"].values()]
-        lines.append([r["attacker"], r["defender"], number(r["success"]), number(r["mean_auc"]), *cells])
+        lines.append([r["attacker"], r["defender"], number(r["success"]),
+                      report.cell(r["mean_auc"], r.get("mean_auc_ci")), *cells])
     lam = {a: info.get("lamda") for a, info in result["attackers"].items() if a != "base"}
     title = (f"{result['dataset']} / {result['arch']} / {result['attack']}: the arms race (eps = "
              f"{result['epsilon_256']:g}/256, alpha = {result['step_size_256']:g}/256, T = {result['steps']}, "
@@ -573,7 +597,9 @@ def figure(path: Path, result: dict[str, Any]) -> None:
     fig, ax = plt.subplots(figsize=(max(7.0, 1.0 * len(rounds)), 4.2))
     mean = [r["mean_auc"] if r["mean_auc"] is not None else np.nan for r in rounds]
     colours = {"fixed": "tab:grey", "typicality": "tab:blue", "refit": "tab:green"}
+    interval = np.array([r.get("mean_auc_ci") or [np.nan, np.nan] for r in rounds], dtype=float)
     ax.bar(x, mean, 0.6, color=[colours[r["defender"]] for r in rounds])
+    ax.errorbar(x, mean, yerr=np.abs(interval.T - np.asarray(mean)), fmt="none", ecolor="black", capsize=3, lw=1)
     typ = [(r["detectors"]["TYP"] or {}).get("auc", np.nan) for r in rounds]
     ax.scatter(x, typ, marker="D", c="crimson", zorder=3, label="TYP AUC")
     for i, r in enumerate(rounds):

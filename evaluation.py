@@ -119,7 +119,9 @@ class ScoredRows:
     """``score_table``'s result. ``table``: {detector: {row: report}} (each report also carries
     ``auc_ci`` and ``tnr90_ci``); per row: ``success`` (rate over the images), ``success_ci``,
     ``mean_auc`` (over the detectors ``mean_auc_of``) and ``mean_auc_ci``; ``features``: {row:
-    features of its successful AEs}; ``bootstrap``: how the intervals were drawn."""
+    features of its successful AEs}; ``bootstrap``: how the intervals were drawn;
+    ``auc_replicates``: {row: {detector: the AUC of every resample}}, so that AUCs scored in
+    separate calls on the same images (the same draws) can still be averaged resample by resample."""
 
     table: dict[str, dict[str, dict]]
     success: dict[str, float]
@@ -129,6 +131,7 @@ class ScoredRows:
     mean_auc_of: list[str]
     features: dict[str, features.FeatureSet]
     bootstrap: dict[str, Any]
+    auc_replicates: dict[str, dict[str, np.ndarray]]
 
     def summary_fields(self) -> dict[str, Any]:
         """The fields a results file carries beside ``success`` and ``detectors``."""
@@ -181,11 +184,11 @@ def score_table(model, fitted: dict[str, detectors.Detector], clean: np.ndarray,
 
     boot = metrics.ImageBootstrap(n_images, resamples, bootstrap_seed)
     mean_auc_of = [name for name in (mean_of if mean_of is not None else table) if name in table]
-    success_ci, mean_auc, mean_auc_ci = {}, {}, {}
+    success_ci, mean_auc, mean_auc_ci, auc_replicates = {}, {}, {}, {}
     for row, success in successes.items():
         benign_images, adv_images = protocol_images(n_images, success)
         success_ci[row] = metrics.percentile_interval(boot.rate(success), level)
-        replicates = {}
+        replicates = auc_replicates[row] = {}
         for name, per_row in table.items():
             benign_scores, adv_scores = scores[name]["benign"], scores[name]["adv"][row]
             replicates[name] = boot.auc(benign_scores, adv_scores, benign_images, adv_images)
@@ -198,7 +201,7 @@ def score_table(model, fitted: dict[str, detectors.Detector], clean: np.ndarray,
                                                                    axis=0), level)
     return ScoredRows(table=table, success=success_rates, success_ci=success_ci, mean_auc=mean_auc,
                       mean_auc_ci=mean_auc_ci, mean_auc_of=mean_auc_of, features=adv_rows,
-                      bootstrap=bootstrap_settings(resamples, bootstrap_seed, level))
+                      bootstrap=bootstrap_settings(resamples, bootstrap_seed, level), auc_replicates=auc_replicates)
 
 
 def score_rows(model, fitted: dict[str, detectors.Detector], clean: np.ndarray, noisy: np.ndarray,

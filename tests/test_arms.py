@@ -22,6 +22,7 @@ import features
 import gmm
 import gmm_attack
 import hfc
+import report
 import typical_set
 from features import FeatureSet
 from utils import UserError
@@ -191,11 +192,15 @@ def test_arms_race_stage_on_the_tiny_run(pipeline, monkeypatch):  # noqa: F811
         for m in r["detectors"].values():
             assert m is None or (0.0 <= m["auc"] <= 1.0 and 0.0 <= m["tnr90"] <= 1.0)
         assert r["mean_auc"] == pytest.approx(np.mean([r["detectors"][n]["auc"] for n in present]))
+        lo, hi = r["mean_auc_ci"]
+        assert lo - 1e-9 <= r["mean_auc"] <= hi + 1e-9
     by_pair = {(r["attacker"], r["defender"]): r for r in result["rounds"]}
     # the HFC attacker on A_eval is gmm_attack.py's, and so are its scores under the fixed detectors
     hfc_info = result["attackers"]["HFC"]
     assert hfc_info["source"].endswith("hfc_M2_lamauto") and hfc_info["lamda"] == hfc_results["lamda"]
     assert by_pair[("HFC", "fixed")]["success"] == hfc_results["success"]["hfc"]
+    # the same images, the same bootstrap draws: the round's interval is gmm_attack.py's
+    assert by_pair[("HFC", "fixed")]["mean_auc_ci"] == pytest.approx(report.mean_auc(hfc_results, "hfc")[1])
     for name in arms_race.SEVEN:
         assert by_pair[("HFC", "fixed")]["detectors"][name]["auc"] == \
             pytest.approx(hfc_results["detectors"][name]["hfc"]["auc"])
@@ -222,7 +227,7 @@ def test_arms_race_stage_on_the_tiny_run(pipeline, monkeypatch):  # noqa: F811
     def refuse(*args, **kwargs):
         raise AssertionError("a finished piece was recomputed")
     for owner, name in ((hfc, "hfc_attack"), (hfc, "choose_lambda"), (detectors.Detector, "fit"),
-                        (evaluation, "score_rows"), (features, "extract")):
+                        (evaluation, "score_table"), (features, "extract")):
         monkeypatch.setattr(owner, name, refuse)
     again = arms_race.main(ARMS)
     assert again["rounds"] == saved["rounds"] and again["attackers"] == saved["attackers"]
