@@ -200,7 +200,7 @@ def markdown(result: dict) -> str:
     lines = [title, "", "| row | success on victim | on surrogate | mean AUC | " + " | ".join(names) + " |",
              "|" + "---|" * (len(names) + 4)]
     for row, r in result["rows"].items():
-        unscored = f"too few to score ({r.get('n_success', 0)} AEs fool the victim)"
+        unscored = f"too few to score ({r.get('n_success', 0)} of {result['n_eval']} fool the victim)"
         lines.append(f"| {row} | {report.cell(r['success'], r['success_ci'])} | {r['surrogate_success']:.3f} | "
                      f"{report.cell(r['mean_auc'], r['mean_auc_ci']) if r['detectors'] else unscored} | "
                      + " | ".join(f"{r['detectors'][n]['auc']:.3f}" if r["detectors"] else "—" for n in names) + " |")
