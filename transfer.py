@@ -206,7 +206,8 @@ def markdown(result: dict) -> str:
                      + " | ".join(f"{r['detectors'][n]['auc']:.3f}" if r["detectors"] else "—" for n in names) + " |")
     wb = result["white_box_hfc"]
     if wb:
-        lines.append(f"| white-box HFC (victim) | {wb['success']:.3f} | — | {report.cell(wb['mean_auc'], wb['mean_auc_ci'])}"
+        # The victim's own HFC results at the same M and λ: say on how many images and at which λ.
+        lines.append(f"| white-box HFC (victim; λ {wb['lamda']:.3g}, n_eval {wb['n_eval']}) | {wb['success']:.3f} | — | {report.cell(wb['mean_auc'], wb['mean_auc_ci'])}"
                      " | " + " | ".join("" for _ in names) + " |")
     return "\n".join(lines) + "\n"
 
