@@ -22,7 +22,7 @@ Defenders:
 
 λ of each attacker is ``--lamda`` or, with ``auto`` (the default), chosen on A_fit images only by
 ``hfc.choose_lambda``; the A_fit AEs use the λ of the A_eval ones. Every round is scored by
-``evaluation.score_rows`` (the one scoring path).
+``evaluation.score_table`` (the one scoring path).
 
     python arms_race.py --dataset synthetic -a resnet50 --attack I_FGSM_Linf_6 -y 8
 

@@ -5,7 +5,7 @@ A = the correctly classified test images in a seeded order (fixed by ``gen_base_
 saved with every AE set). The first 70% of A is A_fit, the rest A_eval: detectors are fitted on
 A_fit and scored on A_eval; the HFC attack attacks A_eval. Benign = the clean images and their
 noise versions (``Noise_Linf_<k>``, made by ``make_noise_set`` only); adversarial = the
-successful AEs. ``score_table`` (and its tuple view ``score_rows``) scores any number of AE rows
+successful AEs. ``score_table`` scores any number of AE rows
 of the same images against the same benign set with the same detectors: the "base" and "HFC" rows
 of a table come from one code path, with bootstrap intervals that resample the images.
 """
@@ -204,22 +204,13 @@ def score_table(model, fitted: dict[str, detectors.Detector], clean: np.ndarray,
                       bootstrap=bootstrap_settings(resamples, bootstrap_seed, level), auc_replicates=auc_replicates)
 
 
-def score_rows(model, fitted: dict[str, detectors.Detector], clean: np.ndarray, noisy: np.ndarray,
-               rows: dict[str, tuple[np.ndarray, np.ndarray]], *, device, batch_size: int = 32
-               ) -> tuple[dict[str, dict[str, dict]], dict[str, float], dict[str, features.FeatureSet]]:
-    """``score_table`` as ({detector: {row: detection report with auc_ci, tnr90_ci}}, {row:
-    success rate}, {row: features of its successful AEs})."""
-    scored = score_table(model, fitted, clean, noisy, rows, device=device, batch_size=batch_size)
-    return scored.table, scored.success, scored.features
-
-
 @torch.no_grad()
 def mixture_log_likelihood(model, mixtures: gmm.Mixtures, rows: dict[str, tuple[np.ndarray, np.ndarray]],
                            targets: np.ndarray, device, batch_size: int = 64,
                            extracted: dict[str, features.FeatureSet] | None = None) -> dict[str, float]:
     """Per row, the mean over successful AEs and kept layers of the target class's mixture
     log-likelihood of the AE's pooled features: how typical of the target class they look.
-    ``extracted`` (as ``score_rows`` returns it) holds rows whose successful AEs' features are
+    ``extracted`` (``ScoredRows.features``) holds rows whose successful AEs' features are
     already extracted."""
     out = {}
     for row, (adv, success) in rows.items():

@@ -153,7 +153,7 @@ def test_lambda_zero_is_the_base_attack_and_lambda_pulls_features_in(pipeline):
     rows = {"base": (plain.numpy(), np.ones(len(clean), bool)), "hfc": (hidden.numpy(), np.ones(len(clean), bool))}
     loglik = evaluation.mixture_log_likelihood(model, mixtures, rows, targets, "cpu")
     assert loglik["hfc"] > loglik["base"]
-    # features already extracted (as score_rows returns them) give the same values
+    # features already extracted (as score_table returns them) give the same values
     extracted = {row: features.adv_set(model, adv, success, "cpu", progress=False) for row, (adv, success) in rows.items()}
     again = evaluation.mixture_log_likelihood(model, mixtures, rows, targets, "cpu", extracted=extracted)
     assert again == pytest.approx(loglik, rel=1e-5)
