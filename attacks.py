@@ -183,7 +183,7 @@ class _Config:
     resize_rate: float
     ti_kernel: int  # 0: off
     keep_successful: bool  # an image whose last iterate misses keeps its latest hit
-    stop_when_all_hit: bool  # with keep_successful: a batch stops once every image has hit its target
+    stop_when_all_hit: bool  # with keep_successful, success only: an image leaves at its first hit, a batch stops when all have
     orthogonal: str | None  # None: off; else orthogonal PGD on ``extra`` (a detector score), one of ORTHOGONAL_RULES
 
 
@@ -333,6 +333,13 @@ def _attack_batch(model, x0: torch.Tensor, targets: torch.Tensor, eps: float, cf
     reduce_dims = tuple(range(1, x0.dim()))
     latest_hit, hit_once = (x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)) \
         if cfg.keep_successful else (None, None)
+    # Success only (the λ search): an image leaves the batch at its first hit, which is final with
+    # keep_successful. Images are independent in eval mode and the per-image step is the sign of a
+    # gradient (or a per-image normalised one), so the others' steps do not change; the random
+    # draws (DI) are per batch, not per image. A term with per-image guides bound to the batch
+    # positions keeps every image.
+    shrink = cfg.stop_when_all_hit and not getattr(extra, "per_image", False)
+    rows, result = (torch.arange(len(x), device=x.device), x0.clone()) if shrink else (None, None)
     for _ in range(cfg.steps):
         x.requires_grad_(True)
         inputs = _diversify(x, cfg.di_prob, cfg.resize_rate, gen) if cfg.di_prob > 0 else x
@@ -365,6 +372,13 @@ def _attack_batch(model, x0: torch.Tensor, targets: torch.Tensor, eps: float, cf
                 # Success is final once every image has hit (keep_successful), so a caller that
                 # needs only the success rate (the λ search) can skip the remaining steps.
                 break
+            if shrink and bool(hit_once.any()):
+                result[rows[hit_once]] = latest_hit[hit_once]
+                keep = ~hit_once
+                rows, x, grad, lower, upper, targets = (rows[keep], x[keep], grad[keep], lower[keep],
+                                                        upper[keep], targets[keep])
+                latest_hit, hit_once = latest_hit[keep], hit_once[keep]
+                momentum = None if momentum is None else momentum[keep]
         if kernel is not None:
             grad = F.conv2d(grad, kernel, padding=kernel.shape[-1] // 2, groups=grad.shape[1])
         if cfg.decay is not None:
@@ -379,6 +393,9 @@ def _attack_batch(model, x0: torch.Tensor, targets: torch.Tensor, eps: float, cf
         with torch.no_grad():
             fall_back = hit_once & (model(x).argmax(dim=1) != targets)
         x[fall_back] = latest_hit[fall_back]
+    if shrink:
+        result[rows] = x
+        return result
     return x
 
 
@@ -415,8 +432,9 @@ def run_attack(model, images: torch.Tensor, targets, spec: AttackSpec, *, extra:
     0 otherwise), ``resize_rate`` (0.9), ``ti_kernel`` (7 for TI_FGSM, 0 = off), ``random_start`` (True for PGD), ``keep_successful``
     (False: the last iterate is returned, as in the reference attacks; True: an image whose last
     iterate misses its target gets the latest iterate that hit it, if any), ``stop_when_all_hit``
-    (False; with keep_successful, a batch stops at the step where its last image first hits: the
-    success vector is the full run's, the images are not), ``orthogonal`` (None: off; orthogonal
+    (False; with keep_successful, for a caller that needs only the success vector: an image leaves
+    its batch at its first hit, returning that iterate, and a batch stops once all its images have
+    hit; the success vector is the full run's, the images are not), ``orthogonal`` (None: off; orthogonal
     PGD, Bryniarski et al., ICLR 2022, against one detector, below). An ``extra`` with
     ``uses_maps = True`` gets the un-pooled maps of every tap (``model.forward_maps``) instead of
     the pooled features; one with ``tap = i`` (and ``loss="none"``) gets only tap i, pooled, with

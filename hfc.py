@@ -279,8 +279,9 @@ def choose_lambda(model, term: HFCTerm, images: torch.Tensor, targets: np.ndarra
 
     Cost: the largest λ is tried first (one trial when it passes); otherwise the grid is bisected,
     which assumes success does not fall as λ falls. The λ = 0 trial runs only when a success
-    below ``min_success`` has to be compared with it. Each trial stops once every image has hit
-    its target (its success is then final). Returns λ, the trials and the rule in words."""
+    below ``min_success`` has to be compared with it. In each trial an image stops being attacked
+    at its first hit (final with keep-successful) and the trial stops once every image has hit.
+    Returns λ, the trials and the rule in words."""
     trials: list[dict] = []
     rates: dict[float, float] = {}
 

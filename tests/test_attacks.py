@@ -263,6 +263,32 @@ def test_keep_successful_returns_the_latest_hit_when_the_last_iterate_misses(col
         run_attack(model, images, targets, spec, stop_when_all_hit=True, **kwargs)
 
 
+
+@pytest.mark.parametrize("method", ["I_FGSM", "PGD", "MI_FGSM", "DI_FGSM", "TI_FGSM", "CW"])
+def test_success_only_attack_drops_images_at_their_first_hit(colour_model, method):
+    # The λ search needs only the success vector: each image leaves its batch at its first hit, so
+    # the engine processes fewer image-steps and every image's verdict is the full run's.
+    model, images, colour = colour_model
+    images, targets = images[:24], (colour[:24] + 1) % 3
+    rows = []
+
+    def counting(logits, features, extra_targets):
+        rows.append(len(extra_targets))
+        return features[0].pow(2).mean()
+
+    spec = AttackSpec(method, 48.0)
+    kwargs = dict(extra=counting, lam=5.0, steps=12, step_size=spec.eps / 10, seed=0, progress=False,
+                  keep_successful=True, batch_size=12)
+    _, full = run_attack(model, images, targets, spec, **kwargs)
+    full_rows, rows[:] = sum(rows), []
+    adv, early = run_attack(model, images, targets, spec, stop_when_all_hit=True, **kwargs)
+    assert torch.equal(early, full)
+    assert 0 < int(full.sum()) < len(full), "some images must hit and some miss for the check to mean anything"
+    assert sum(rows) < full_rows
+    with torch.no_grad():  # a returned image is the iterate that hit (or the last one)
+        assert torch.equal(model(adv).argmax(1) == targets, early)
+    assert float((adv - images).abs().max()) <= spec.eps + 1e-6
+
 def test_cw_margin_loss():
     logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 3.0, 1.0]])
     targets = torch.tensor([1, 1])
