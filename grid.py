@@ -148,8 +148,13 @@ def overrides_of(grid: dict[str, Any], entry: dict[str, Any], config: Config) ->
 def cells(grid: dict[str, Any], config: Config) -> list[tuple[str, reproduce.Config, str | None, dict]]:
     """(label, the cell's main-job config, its detector attack, its stage overrides) for every cell."""
     several_seeds = len(grid["seeds"]) > 1
+    root = Path(config.root).resolve()
+    # A data root is recorded in the model's provenance as the absolute, resolved folder, so the
+    # same images reached through another relative path or link are the same setting.
+    entries = [{**entry, "data_root": str((root / entry["data_root"]).resolve())} if entry.get("data_root")
+               else entry for entry in grid["datasets"]]
     out = []
-    for entry, arch, seed, attack, m, lam in product(grid["datasets"], grid["archs"], grid["seeds"],
+    for entry, arch, seed, attack, m, lam in product(entries, grid["archs"], grid["seeds"],
                                                      grid["attacks"], grid["num_components"], grid["lamdas"]):
         name = f"{arch}_seed{seed}" if several_seeds else None
         job = reproduce.Config(arch=arch, name=name, dataset=entry["name"], seed=seed, device=config.device,
