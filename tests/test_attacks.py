@@ -263,7 +263,6 @@ def test_keep_successful_returns_the_latest_hit_when_the_last_iterate_misses(col
         run_attack(model, images, targets, spec, stop_when_all_hit=True, **kwargs)
 
 
-
 @pytest.mark.parametrize("method", ["I_FGSM", "PGD", "MI_FGSM", "DI_FGSM", "TI_FGSM", "CW"])
 def test_success_only_attack_drops_images_at_their_first_hit(colour_model, method):
     # The λ search needs only the success vector: each image leaves its batch at its first hit, so
@@ -288,6 +287,7 @@ def test_success_only_attack_drops_images_at_their_first_hit(colour_model, metho
     with torch.no_grad():  # a returned image is the iterate that hit (or the last one)
         assert torch.equal(model(adv).argmax(1) == targets, early)
     assert float((adv - images).abs().max()) <= spec.eps + 1e-6
+
 
 def test_cw_margin_loss():
     logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 3.0, 1.0]])

@@ -48,7 +48,6 @@ def test_grid_file_errors_name_the_bad_key(tmp_path):
         grid.tasks_of(grid.read_grid(config.grid), config)
 
 
-
 def test_a_data_root_is_the_folder_it_resolves_to(tmp_path):
     # The same images through a relative path from --root or through a link: one setting, so a
     # model trained from one is up to date for the other.
@@ -61,6 +60,7 @@ def test_a_data_root_is_the_folder_it_resolves_to(tmp_path):
         config = grid.Config(grid=str(path), root=str(tmp_path / "root"))
         roots |= {job.data_root for _, job, _, _ in grid.cells(grid.read_grid(path), config)}
     assert roots == {str((tmp_path / "data" / "cxr").resolve())}
+
 
 def test_committed_grids_expand_into_shared_tasks():
     root = Path(__file__).resolve().parents[1]
