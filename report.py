@@ -4,6 +4,7 @@ As a command, it gathers saved results into one table without re-scoring anythin
 tables are made this way; the command that made a table is printed under it):
 
     python report.py runs_synthetic/resnet50/I_FGSM_Linf_4/hfc_*/results.json --format md
+    python report.py --layers MAHA runs_synthetic/resnet50/I_FGSM_Linf_4/hfc_*/results.json
 """
 from __future__ import annotations
 
@@ -134,6 +135,22 @@ def format_layer_table(results: dict[str, Any], fmt: str = "md") -> str:
     return "\n".join(parts)
 
 
+def layer_rows(results: dict[str, Any], detector: str, label: str, layers: list[str],
+               with_base: bool = True) -> list[list[str]]:
+    """One line per row of ``results`` for one per-layer detector: the AUC of each of ``layers``'
+    scores ("-" where the row has none) and the combined AUC. A layer's AUC below 0.5 means the
+    AEs score *more* benign than the benign images at that layer -- which a combination fitted on
+    the base AEs may weigh either way."""
+    per_row = results["detectors"].get(detector, {})
+    lines = []
+    for row in [r for r in ROWS if r in per_row and (with_base or r != "base")]:
+        by_layer = per_row[row].get("layer_auc") or {}
+        lines.append([label, row if row == "base" else _hfc_label(results)]
+                     + [f"{by_layer[layer]:.3f}" if layer in by_layer else "-" for layer in layers]
+                     + [cell(per_row[row]["auc"], per_row[row].get("auc_ci"))])
+    return lines
+
+
 def summary_rows(results: dict[str, Any], label: str, with_base: bool = True) -> list[list[str]]:
     """One line per row of ``results`` ("base" unless ``with_base`` is False, "hfc"): AUC per
     detector, mean AUC, success, λ."""
@@ -189,11 +206,23 @@ def main(argv=None) -> str:
     parser.add_argument("--label", default="run", choices=("run", "seed", "dataset", "root"),
                         help="what names each row's run: its folder, its seed, its data set, or the folder "
                              "holding its runs_<DATASET>/ (default: run)")
+    parser.add_argument("--layers", metavar="DETECTOR", default=None,
+                        help="instead of the summary, the AUC of each layer's score of this per-layer detector "
+                             "(KD, LID, MAHA, DNN) beside its combined AUC")
     args = parser.parse_args(argv)
-    lines = [["run", "row", *DETECTOR_ORDER, "mean AUC", "success", "λ"]]
+    loaded = [(path, utils.read_json(path, "HFC results", "run gmm_attack.py first")) for path in args.results]
+    layers: list[str] = []
+    if args.layers is not None:
+        for _, results in loaded:
+            for metrics in results["detectors"].get(args.layers, {}).values():
+                layers += [name for name in metrics.get("layer_auc", {}) if name not in layers]
+        if not layers:
+            raise utils.UserError(f"no per-layer AUCs of {args.layers} in these results (per-layer detectors: "
+                                  "KD, LID, MAHA, DNN)")
+    lines = ([["run", "row", *layers, f"{args.layers} combined"]] if args.layers is not None
+             else [["run", "row", *DETECTOR_ORDER, "mean AUC", "success", "λ"]])
     bases_shown = set()
-    for path in args.results:
-        results = utils.read_json(path, "HFC results", "run gmm_attack.py first")
+    for path, results in loaded:
         record = results.get("record") or {}
         run_dir = Path(path).resolve().parents[2]
         label = {"run": f"{run_dir.parent.name}/{run_dir.name}",
@@ -202,10 +231,13 @@ def main(argv=None) -> str:
                  "root": run_dir.parents[1].name}[args.label]
         # The base row of the same run, attack and images is shown once.
         base_key = (str(run_dir), results["attack"], results["n_eval"], results["detector_attack"])
-        lines += summary_rows(results, label, with_base=base_key not in bases_shown)
+        with_base = base_key not in bases_shown
+        lines += (layer_rows(results, args.layers, label, layers, with_base) if args.layers is not None
+                  else summary_rows(results, label, with_base=with_base))
         bases_shown.add(base_key)
     command = "python report.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    table = render(f"AUC on A_eval ({command})", lines, args.format)
+    what = f"{args.layers}: AUC of each layer's score on A_eval" if args.layers is not None else "AUC on A_eval"
+    table = render(f"{what} ({command})", lines, args.format)
     print(table)
     return table
 

@@ -149,3 +149,20 @@ def test_report_cli_labels_rows_by_the_folder_holding_the_runs(tmp_path, capsys)
     table = report.main(["--label", "root", *files])
     labels = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| fd")]
     assert labels == ["fd0", "fd0", "fd1", "fd1"]  # base and HFC rows of each root
+
+
+def test_report_layers_shows_each_layers_auc_beside_the_combined_one(tmp_path):
+    results = crafted(0, "auto", 0.0)
+    results["detectors"]["MAHA"]["base"]["layer_auc"] = {"layer3": 0.93, "layer4": 0.98}
+    results["detectors"]["MAHA"]["hfc"]["layer_auc"] = {"layer3": 0.17, "layer4": 0.49}
+    path = tmp_path / "runs_synthetic" / "resnet18" / ATTACK / "hfc_M2_lamauto" / "results.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(results))
+    table = report.main(["--layers", "MAHA", str(path)])
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    assert lines[0] == "| run | row | layer3 | layer4 | MAHA combined |"
+    maha = results["detectors"]["MAHA"]
+    assert lines[2].endswith(f"| 0.930 | 0.980 | {report.cell(maha['base']['auc'], maha['base']['auc_ci'])} |")
+    assert lines[3].endswith(f"| 0.170 | 0.490 | {report.cell(maha['hfc']['auc'], maha['hfc']['auc_ci'])} |")
+    with pytest.raises(UserError, match="no per-layer AUCs of SVM"):
+        report.main(["--layers", "SVM", str(path)])
