@@ -245,14 +245,8 @@ class _Stage:
             term = typical_set.TypicalSetTerm(self.mixtures, normalise=self.config.ts_term == "normalised",
                                               hfc_term=self.hfc_term() if self.config.with_hfc else None,
                                               device=self.device)
-            pooled, labels = self.val_features()
-            short = np.flatnonzero(np.bincount(labels, minlength=term.num_classes) < 2)
-            if len(short):  # as get_GMM.py: a class with < 2 validation images is measured on training images
-                train = self.train_features()
-                keep, extra = ~np.isin(labels, short), np.isin(train.labels, short)
-                pooled = [np.concatenate([p[keep], t[extra]]) for p, t in zip(pooled, train.pooled)]
-                labels = np.concatenate([labels[keep], train.labels[extra]])
-            term.fit_targets(pooled, labels)
+            term.fit_targets(*typical_set.heldout_pooled(*self.val_features(), term.num_classes,
+                                                         self.train_features))
             return term
         return self._lazy("ts_term", make)
 

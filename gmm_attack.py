@@ -34,9 +34,12 @@ import hfc
 import report
 import runs
 import saver
+import typical_set
 import utils
 
 DEFAULT_TERM = "paper"
+TYPICAL_TERM = "typical"  # typical_set.TypicalSetTerm in its normalised form, τ from the validation images
+TERM_CHOICES = (*hfc.TERMS, TYPICAL_TERM)
 DEFAULT_CLASS_LOSS = "base"
 DEFAULT_KAPPA = 0.0
 
@@ -101,9 +104,12 @@ class Config(TermAttackConfig):
                                          "that hit it)")
     term: str = cli.flag(DEFAULT_TERM, "form of the HFC term: paper (the sum over layers of ‖(f − μ)L‖²/C), "
                                        "normalised (each layer divided by its held-out clean median from "
-                                       "get_GMM.py, averaged over layers) or hinged (normalised, each layer "
-                                       "max(term − 1, 0): no pull once as typical as the median clean image)",
-                         choices=tuple(hfc.TERMS))
+                                       "get_GMM.py, averaged over layers), hinged (normalised, each layer "
+                                       "max(term − 1, 0): no pull once as typical as the median clean image) or "
+                                       "typical (two-sided: each layer's mixture log-likelihood pulled to that of "
+                                       "the median held-out clean image of the target class, normalised, "
+                                       "averaged over layers; typical_set.py)",
+                         choices=TERM_CHOICES)
     class_loss: str = cli.flag(DEFAULT_CLASS_LOSS, "classification loss beside the term: base (the method's own: "
                                "CE, or CW's margin) or margin (max_j≠t z_j − z_t clamped at −κ: once the target "
                                "leads by κ only the term acts)", choices=hfc.CLASS_LOSSES)
@@ -142,6 +148,14 @@ def stage_inputs(run_: runs.Run, attack: str, detector_attack: str, noise: str, 
             "mixtures": run_.mixtures_dir(num_component) / runs.MIXTURES}
 
 
+def make_term(form: str, run_: runs.Run, model, mixtures: gmm.Mixtures, device, batch_size: int):
+    """The HFC term of ``--term``: an ``hfc.HFCTerm`` in one of its forms, or the typical-set term with
+    τ measured on the run's validation images."""
+    if form == TYPICAL_TERM:
+        return typical_set.fitted_term(run_, model, mixtures, device, batch_size, normalise=True)
+    return hfc.HFCTerm(mixtures, device=device, **hfc.TERMS[form])
+
+
 def run(config: Config) -> dict:
     """Choose λ (when asked) on A_fit, attack A_eval with HFC, score both rows; returns results.json."""
     spec = attacks.parse_attack(config.attack)
@@ -156,8 +170,9 @@ def run(config: Config) -> dict:
     model, _ = saver.load_model(run_.checkpoint, device, arch=config.arch, hint=run_.hint("train"))
     sets = evaluation.load_protocol_sets(run_, spec.name, noise)
     fitted = evaluation.load_fresh_detectors(run_, detector_attack)
-    mixtures = evaluation.load_fresh_mixtures(run_, config.num_component, need_scales=hfc.needs_scales(config.term))
-    term = hfc.HFCTerm(mixtures, device=device, **hfc.TERMS[config.term])
+    mixtures = evaluation.load_fresh_mixtures(run_, config.num_component,
+                                              need_scales=config.term != TYPICAL_TERM and hfc.needs_scales(config.term))
+    term = make_term(config.term, run_, model, mixtures, device, config.batch_size)
     step_256, steps = hfc.hfc_schedule(run_.dataset, config.arch, spec.eps_256, config.step_size, config.steps)
     base = sets["base"]
     eval_pos = sets["eval"][:config.limit] if config.limit else sets["eval"]

@@ -28,6 +28,7 @@ import reproduce
 from conftest import TINY_TRAIN
 import runs
 import saver
+import typical_set
 from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -334,3 +335,31 @@ def test_report_formats():
     results["detectors"]["MAHA"]["hfc"]["layer_auc"] = {"layer1": 0.3, "layer4": 0.6}
     layers = report.format_layer_table(results, "md")
     assert "| layer4 | 1.000 | 0.600 |" in layers and "| combined | 1.000 | 0.200 |" in layers
+
+
+def test_gmm_attack_typical_term_pulls_each_layer_to_the_clean_level(pipeline, monkeypatch):
+    """--term typical: the two-sided term (typical_set.py) with τ from the validation images. Its
+    AEs' per-layer log-likelihoods lie closer to the typical clean level than those of the λ = 0
+    control (the same margin loss and schedule, the same images), and the folder and record name it."""
+    monkeypatch.chdir(pipeline)
+    common = ["-a", "resnet18", "--dataset", "synthetic", "--device", "cpu", "-y", "2", "--attack", ATTACK,
+              "--class-loss", "margin", "--limit", "12"]
+    typical = gmm_attack.main(common + ["--term", "typical", "--lamda", "1"])
+    control = gmm_attack.main(common + ["--lamda", "0"])
+    assert typical["term"] == "typical" and typical["record"]["settings"]["term"] == "typical"
+    attack_dir = pipeline / "runs_synthetic" / "resnet18" / ATTACK
+    folder = attack_dir / "hfc_M2_lam1_termtypical_lossmargin"
+    assert (folder / "results.json").is_file()
+
+    run_ = runs.Run("synthetic", "resnet18")
+    model, _ = saver.load_model(run_.checkpoint, "cpu")
+    term = typical_set.fitted_term(run_, model, gmm.load_mixtures(run_.mixtures_dir(2)), "cpu", 16)
+    gaps = {}
+    for name, where in (("typical", folder), ("control", attack_dir / "hfc_M2_lam0_lossmargin")):
+        ae = aesets.load_ae_set(where)
+        both = ae["success"]
+        feats = features.adv_set(model, ae["adv"], both, "cpu", progress=False)
+        pooled = [torch.from_numpy(p) for p in feats.pooled]
+        gaps[name] = float(term.layer_values(pooled, torch.as_tensor(ae["targets"][both])).mean())
+    print(f"per-layer (ℓ − τ)² / scale: typical {gaps['typical']:.3g}, control {gaps['control']:.3g}")
+    assert gaps["typical"] < 0.5 * gaps["control"], gaps
