@@ -347,6 +347,7 @@ def test_gmm_attack_typical_term_pulls_each_layer_to_the_clean_level(pipeline, m
     typical = gmm_attack.main(common + ["--term", "typical", "--lamda", "1"])
     control = gmm_attack.main(common + ["--lamda", "0"])
     assert typical["term"] == "typical" and typical["record"]["settings"]["term"] == "typical"
+    assert typical["success"]["hfc"] > 0 and control["success"]["hfc"] > 0
     attack_dir = pipeline / "runs_synthetic" / "resnet18" / ATTACK
     folder = attack_dir / "hfc_M2_lam1_termtypical_lossmargin"
     assert (folder / "results.json").is_file()
