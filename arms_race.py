@@ -245,8 +245,8 @@ class _Stage:
             term = typical_set.TypicalSetTerm(self.mixtures, normalise=self.config.ts_term == "normalised",
                                               hfc_term=self.hfc_term() if self.config.with_hfc else None,
                                               device=self.device)
-            term.fit_targets(*typical_set.heldout_pooled(*self.val_features(), term.num_classes,
-                                                         self.train_features))
+            term.fit_targets(*features.heldout_pooled(*self.val_features(), term.num_classes,
+                                                      self.train_features))
             return term
         return self._lazy("ts_term", make)
 

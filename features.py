@@ -8,7 +8,7 @@ the DNN layers can be kept from the same pass (``keep_maps``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ def seeded_subset(n: int, limit: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
 
 DEFAULT_BATCH_SIZE = 32
+MIN_HELDOUT_PER_CLASS = 2  # fewer validation images of a class: measured on its training images
 
 
 @dataclass
@@ -186,3 +187,19 @@ def part_features(run_, model, part: str, device: torch.device | str | None = No
     except OSError as err:  # a cache that cannot be written (full disk, a concurrent writer) is only slower
         print(f"note: features of {part} not cached ({err})")
     return feats
+
+
+def heldout_pooled(val_pooled: Sequence[np.ndarray], val_labels: np.ndarray, num_classes: int,
+                   train: Callable[[], FeatureSet]) -> tuple[list[np.ndarray], np.ndarray]:
+    """The held-out clean features of a run, by class: its validation images, except that a class
+    with fewer than ``MIN_HELDOUT_PER_CLASS`` of them is measured on its training images instead
+    (get_GMM.py's term scales, the typical-set term's τ). ``train`` gives the training features, and
+    is called only when a class is short."""
+    val_labels = np.asarray(val_labels, np.int64)
+    short = np.flatnonzero(np.bincount(val_labels, minlength=num_classes) < MIN_HELDOUT_PER_CLASS)
+    if not len(short):
+        return list(val_pooled), val_labels
+    train_set = train()
+    keep, extra = ~np.isin(val_labels, short), np.isin(train_set.labels, short)
+    pooled = [np.concatenate([p[keep], t[extra]]) for p, t in zip(val_pooled, train_set.pooled)]
+    return pooled, np.concatenate([val_labels[keep], train_set.labels[extra]])

@@ -82,13 +82,11 @@ def run(config: Config) -> dict:
     val_feats = features.part_features(run_, model, "val", device, config.batch_size)
     val_labels = torch.from_numpy(val_feats.labels)
     val_counts = np.bincount(val_labels.numpy(), minlength=model.num_classes)
-    fallback = [c for c in mixtures.classes if val_counts[c] < 2]
-    held_out = [c for c in mixtures.classes if c not in fallback]
-    scales = gmm.term_scales(mixtures, val_feats.pooled, val_labels.numpy(), classes=held_out) if held_out else {}
-    if fallback:
-        scales.update(gmm.term_scales(mixtures, feats.pooled, labels.numpy(), classes=fallback))
-    mixtures.set_scales(scales, {"source": "val", "val_per_class": val_counts.tolist(),
-                                 "train_fallback_classes": fallback})
+    fallback = [c for c in mixtures.classes if val_counts[c] < features.MIN_HELDOUT_PER_CLASS]
+    held_pooled, held_labels = features.heldout_pooled(val_feats.pooled, val_feats.labels, model.num_classes,
+                                                       lambda: feats)
+    mixtures.set_scales(gmm.term_scales(mixtures, held_pooled, held_labels),
+                        {"source": "val", "val_per_class": val_counts.tolist(), "train_fallback_classes": fallback})
 
     folder = run_.mixtures_dir(config.num_component)
     counts = np.bincount(labels.numpy(), minlength=model.num_classes)

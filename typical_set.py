@@ -23,7 +23,7 @@ held-out clean image then scores about 1 per layer, whatever the layer's likelih
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -37,28 +37,13 @@ from utils import UserError
 SCALE_FLOOR = 1e-12
 
 
-def heldout_pooled(val_pooled: Sequence[np.ndarray], val_labels: np.ndarray, num_classes: int,
-                   train: Callable[[], "features.FeatureSet"]) -> tuple[list[np.ndarray], np.ndarray]:
-    """The held-out clean features τ is measured on: the run's validation images, except that a
-    class with fewer than two of them is measured on its training images (as get_GMM.py's held-out
-    scales). ``train`` gives the training features, and is called only when a class is short."""
-    val_labels = np.asarray(val_labels, np.int64)
-    short = np.flatnonzero(np.bincount(val_labels, minlength=num_classes) < 2)
-    if not len(short):
-        return list(val_pooled), val_labels
-    train_set = train()
-    keep, extra = ~np.isin(val_labels, short), np.isin(train_set.labels, short)
-    pooled = [np.concatenate([p[keep], t[extra]]) for p, t in zip(val_pooled, train_set.pooled)]
-    return pooled, np.concatenate([val_labels[keep], train_set.labels[extra]])
-
-
-def fitted_term(run_, model, mixtures: gmm.Mixtures, device, batch_size: int, *, normalise: bool = True,
-                hfc_term: hfc.HFCTerm | None = None) -> "TypicalSetTerm":
+def fitted_term(run_, model, mixtures: gmm.Mixtures, device, batch_size: int, *,
+                normalise: bool = True) -> "TypicalSetTerm":
     """A typical-set term on ``mixtures`` with τ (and the scales) measured on the run's held-out
-    clean images (``heldout_pooled``; the features are ``features.part_features``' cached ones)."""
-    term = TypicalSetTerm(mixtures, normalise=normalise, hfc_term=hfc_term, device=device)
+    clean images (``features.heldout_pooled``; the features are ``features.part_features``' cached ones)."""
+    term = TypicalSetTerm(mixtures, normalise=normalise, device=device)
     val = features.part_features(run_, model, "val", device, batch_size)
-    pooled, labels = heldout_pooled(val.pooled, val.labels, term.num_classes,
+    pooled, labels = features.heldout_pooled(val.pooled, val.labels, term.num_classes,
                                     lambda: features.part_features(run_, model, "train", device, batch_size))
     term.fit_targets(pooled, labels)
     return term
