@@ -29,6 +29,7 @@ import aesets
 import attacks
 import cli
 import evaluation
+import exemplar
 import gmm
 import hfc
 import report
@@ -39,7 +40,9 @@ import utils
 
 DEFAULT_TERM = "paper"
 TYPICAL_TERM = "typical"  # typical_set.TypicalSetTerm in its normalised form, τ from the validation images
-TERM_CHOICES = (*hfc.TERMS, TYPICAL_TERM)
+EXEMPLAR_TERM = "exemplar"  # exemplar.ExemplarTerm: the nearest correctly classified training image of the target
+TERM_CHOICES = (*hfc.TERMS, TYPICAL_TERM, EXEMPLAR_TERM)
+OWN_SCALE_TERMS = (TYPICAL_TERM, EXEMPLAR_TERM)  # forms that measure their own scales on the validation images
 DEFAULT_CLASS_LOSS = "base"
 DEFAULT_KAPPA = 0.0
 
@@ -108,7 +111,9 @@ class Config(TermAttackConfig):
                                        "max(term − 1, 0): no pull once as typical as the median clean image) or "
                                        "typical (two-sided: each layer's mixture log-likelihood pulled to that of "
                                        "the median held-out clean image of the target class, normalised, "
-                                       "averaged over layers; typical_set.py)",
+                                       "averaged over layers; typical_set.py) or exemplar (every layer pulled "
+                                       "towards one real training image of the target class, the nearest over "
+                                       "all layers, normalised, averaged over layers; exemplar.py)",
                          choices=TERM_CHOICES)
     class_loss: str = cli.flag(DEFAULT_CLASS_LOSS, "classification loss beside the term: base (the method's own: "
                                "CE, or CW's margin) or margin (max_j≠t z_j − z_t clamped at −κ: once the target "
@@ -149,10 +154,12 @@ def stage_inputs(run_: runs.Run, attack: str, detector_attack: str, noise: str, 
 
 
 def make_term(form: str, run_: runs.Run, model, mixtures: gmm.Mixtures, device, batch_size: int):
-    """The HFC term of ``--term``: an ``hfc.HFCTerm`` in one of its forms, or the typical-set term with
-    τ measured on the run's validation images."""
+    """The HFC term of ``--term``: an ``hfc.HFCTerm`` in one of its forms, the typical-set term with
+    τ measured on the run's validation images, or the exemplar term on the mixtures' layers."""
     if form == TYPICAL_TERM:
         return typical_set.fitted_term(run_, model, mixtures, device, batch_size, normalise=True)
+    if form == EXEMPLAR_TERM:
+        return exemplar.fitted_term(run_, model, mixtures.layers, device, batch_size)
     return hfc.HFCTerm(mixtures, device=device, **hfc.TERMS[form])
 
 
@@ -171,7 +178,7 @@ def run(config: Config) -> dict:
     sets = evaluation.load_protocol_sets(run_, spec.name, noise)
     fitted = evaluation.load_fresh_detectors(run_, detector_attack)
     mixtures = evaluation.load_fresh_mixtures(run_, config.num_component,
-                                              need_scales=config.term != TYPICAL_TERM and hfc.needs_scales(config.term))
+                                              need_scales=config.term not in OWN_SCALE_TERMS and hfc.needs_scales(config.term))
     term = make_term(config.term, run_, model, mixtures, device, config.batch_size)
     step_256, steps = hfc.hfc_schedule(run_.dataset, config.arch, spec.eps_256, config.step_size, config.steps)
     base = sets["base"]

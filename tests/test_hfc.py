@@ -16,6 +16,7 @@ import aesets
 import attacks
 import eval as eval_script
 import evaluation
+import exemplar
 import extract_features
 import features
 import gen_base_adv
@@ -364,3 +365,33 @@ def test_gmm_attack_typical_term_pulls_each_layer_to_the_clean_level(pipeline, m
         gaps[name] = float(term.layer_values(pooled, torch.as_tensor(ae["targets"][both])).mean())
     print(f"per-layer (ℓ − τ)² / scale: typical {gaps['typical']:.3g}, control {gaps['control']:.3g}")
     assert gaps["typical"] < 0.5 * gaps["control"], gaps
+
+
+def test_gmm_attack_exemplar_term_pulls_towards_clean_images_of_the_target(pipeline, monkeypatch):
+    """--term exemplar: every layer pulled towards the nearest correctly classified training image of
+    the target class (exemplar.py). Its AEs lie closer to such an image, on the held-out-normalised
+    scale, than those of the λ = 0 control (the same margin loss and schedule, the same images)."""
+    monkeypatch.chdir(pipeline)
+    common = ["-a", "resnet18", "--dataset", "synthetic", "--device", "cpu", "-y", "2", "--attack", ATTACK,
+              "--class-loss", "margin", "--limit", "12"]
+    pulled = gmm_attack.main(common + ["--term", "exemplar", "--lamda", "1"])
+    control = gmm_attack.main(common + ["--lamda", "0"])
+    assert pulled["term"] == "exemplar" and pulled["record"]["settings"]["term"] == "exemplar"
+    assert pulled["success"]["hfc"] > 0 and control["success"]["hfc"] > 0
+    attack_dir = pipeline / "runs_synthetic" / "resnet18" / ATTACK
+    folder = attack_dir / "hfc_M2_lam1_termexemplar_lossmargin"
+    assert (folder / "results.json").is_file()
+
+    run_ = runs.Run("synthetic", "resnet18")
+    model, _ = saver.load_model(run_.checkpoint, "cpu")
+    term = exemplar.fitted_term(run_, model, gmm.load_mixtures(run_.mixtures_dir(2)).layers, "cpu", 16)
+    distance = {}
+    for name, where in (("exemplar", folder), ("control", attack_dir / "hfc_M2_lam0_lossmargin")):
+        ae = aesets.load_ae_set(where)
+        hit = ae["success"]
+        feats = features.adv_set(model, ae["adv"], hit, "cpu", progress=False)
+        pooled = [torch.from_numpy(p) for p in feats.pooled]
+        distance[name] = float(term.layer_values(pooled, torch.as_tensor(ae["targets"][hit])).mean())
+    print(f"per-layer distance to the nearest exemplar / clean scale: exemplar {distance['exemplar']:.3g}, "
+          f"control {distance['control']:.3g}")
+    assert distance["exemplar"] < 0.8 * distance["control"], distance

@@ -1,0 +1,151 @@
+"""The exemplar form of the hierarchical feature constraint: pull an AE's features, at every kept
+layer at once, towards one real clean image of the target class instead of towards the modes of
+per-layer mixtures.
+
+Why: the mixture term pulls each layer separately towards the mode of one of its components, and
+the mode of a density in hundreds of dimensions is far more likely than any real image (a clean
+image lies on the density's typical shell). HFC's AEs therefore end up *more* typical than clean
+images at some layers and not at others (per-layer MAHA AUCs well under 0.5), a combination no
+clean image shows and a detector that combines layers can learn (README, "HFC over-hides"). A real
+image's features are typical at every layer and consistent across layers by construction, so the
+exemplar form's goal is one point that the detectors have seen the like of.
+
+For an AE with target t and kept layers l with pooled features f_l (C_l channels):
+
+    d_l(f, e) = ‖f_l − e_l‖² / (C_l · s_{l,t})          term = mean_l d_l(f, e*)
+
+where e ranges over the bank (the training images of class t that the model classifies as t),
+e* = argmin_e Σ_l d_l(f, e) is chosen anew at each step without gradient (one exemplar for all
+layers: a nearest-neighbour density on the whole hierarchy), and s_{l,t} is the median over
+held-out clean images of class t of ‖f_l − e*_l‖²/C_l: a held-out clean image scores about 1 per
+layer (``fit_scales``; refitted until the joint choice, which depends on the scales, is stable).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import features
+from utils import UserError
+
+SCALE_FLOOR = 1e-12
+MAX_SCALE_PASSES = 10
+
+
+def fitted_term(run_, model, layers: Sequence[int], device, batch_size: int) -> "ExemplarTerm":
+    """An exemplar term whose bank is the run's correctly classified training images and whose
+    scales are measured on its held-out clean images (``features.heldout_pooled``)."""
+    train = features.part_features(run_, model, "train", device, batch_size)
+    correct = train.predictions == train.labels
+    num_classes = train.logits.shape[1]
+    term = ExemplarTerm([None if p is None else p[correct] for p in train.pooled], train.labels[correct],
+                        layers, num_classes, device=device)
+    val = features.part_features(run_, model, "val", device, batch_size)
+    pooled, labels = features.heldout_pooled(val.pooled, val.labels, num_classes, lambda: train)
+    term.fit_scales(pooled, labels)
+    return term
+
+
+class ExemplarTerm(nn.Module):
+    """``term(logits, features, targets)``: the exemplar constraint as the engine's ``extra``.
+
+    ``bank_pooled``: per layer (indices as ``forward_features`` returns them) the pooled features
+    of the bank images (N×C; None for layers not kept); ``bank_labels`` their classes. ``layers``
+    (attribute) are the layers the engine must compute. ``fit_scales`` must be called on held-out
+    clean features before the term is used.
+    """
+
+    def __init__(self, bank_pooled: Sequence[np.ndarray | None], bank_labels: np.ndarray, layers: Sequence[int],
+                 num_classes: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.layers = [int(i) for i in layers]
+        if not self.layers:
+            raise UserError("the exemplar term needs at least one layer")
+        missing = [i for i in self.layers if i >= len(bank_pooled) or bank_pooled[i] is None]
+        if missing:
+            raise UserError(f"no bank features for layers {missing}")
+        bank_labels = np.asarray(bank_labels, np.int64)
+        empty = [c for c in range(num_classes) if not np.any(bank_labels == c)]
+        if empty:
+            raise UserError(f"no correctly classified training image of class(es) {empty} to use as an exemplar")
+        self.num_classes = num_classes
+        self._moved = device is not None
+        for i, layer in enumerate(self.layers):
+            self.register_buffer(f"bank_{i}", torch.as_tensor(np.asarray(bank_pooled[layer]), dtype=dtype,
+                                                              device=device))
+        self.register_buffer("bank_labels", torch.as_tensor(bank_labels, device=device))
+        # classes × layers; ones until fit_scales (the raw per-channel squared distance)
+        self.register_buffer("scales", torch.ones(num_classes, len(self.layers), dtype=dtype, device=device))
+        self.fitted = False
+
+    def _ensure_on(self, like: torch.Tensor) -> None:
+        if not self._moved:
+            self.to(like.device)
+            self._moved = True
+
+    @torch.no_grad()
+    def nearest(self, features: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        """For each sample, the bank row e* of its target's class minimising Σ_l d_l (no gradient)."""
+        self._ensure_on(features[self.layers[0]])
+        targets = targets.to(self.bank_labels.device, torch.long)
+        scales = self.scales.index_select(0, targets)  # B×L
+        total = None
+        for i, layer in enumerate(self.layers):
+            bank = getattr(self, f"bank_{i}")
+            f = features[layer].detach().to(bank.dtype)
+            d = torch.cdist(f, bank).square() / (bank.shape[1] * scales[:, i:i + 1])
+            total = d if total is None else total + d
+        total = total.masked_fill(self.bank_labels.unsqueeze(0) != targets.unsqueeze(1), float("inf"))
+        return total.argmin(1)
+
+    def layer_values(self, features: Sequence[torch.Tensor], targets: torch.Tensor,
+                     chosen: torch.Tensor | None = None) -> torch.Tensor:
+        """B×L: d_l(f, e*) with gradient (e* from ``nearest`` unless given)."""
+        if chosen is None:
+            chosen = self.nearest(features, targets)
+        targets = targets.to(self.bank_labels.device, torch.long)
+        scales = self.scales.index_select(0, targets)
+        columns = []
+        for i, layer in enumerate(self.layers):
+            bank = getattr(self, f"bank_{i}")
+            f = features[layer].to(bank.dtype)
+            columns.append((f - bank.index_select(0, chosen)).square().sum(1) / bank.shape[1])
+        return torch.stack(columns, 1) / scales
+
+    @torch.no_grad()
+    def fit_scales(self, pooled: Sequence[np.ndarray], labels: np.ndarray) -> np.ndarray:
+        """s (classes × layers): the median over the given held-out clean images of each class of
+        their per-layer squared distance (per channel) to their nearest exemplar. The choice of the
+        nearest exemplar depends on s, so s is refitted until the choices stop changing (at most
+        ``MAX_SCALE_PASSES`` times); then a held-out image scores exactly 1 per layer in the median.
+        Returns s."""
+        labels = np.asarray(labels, np.int64)
+        missing = [c for c in range(self.num_classes) if not np.any(labels == c)]
+        if missing:
+            raise UserError(f"no held-out clean image of class(es) {missing} to measure the exemplar scales on")
+        dtype, device = self.bank_0.dtype, self.bank_0.device
+        feats = [None if p is None else torch.as_tensor(np.asarray(p), dtype=dtype, device=device) for p in pooled]
+        targets = torch.as_tensor(labels, device=device)
+        self.scales.fill_(1.0)
+        chosen = self.nearest(feats, targets)
+        for _ in range(MAX_SCALE_PASSES):
+            raw = (self.layer_values(feats, targets, chosen) * self.scales.index_select(0, targets)).double().cpu()
+            scales = np.stack([np.median(raw.numpy()[labels == c], axis=0) for c in range(self.num_classes)])
+            self.scales.copy_(torch.as_tensor(np.maximum(scales, SCALE_FLOOR), dtype=dtype))
+            again = self.nearest(feats, targets)
+            if torch.equal(again, chosen):
+                break
+            chosen = again
+        self.fitted = True
+        return self.scales.double().cpu().numpy()
+
+    def forward(self, logits: torch.Tensor, features: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        if not self.fitted:
+            raise RuntimeError("ExemplarTerm needs fit_scales(pooled, labels) on held-out clean images first")
+        return self.layer_values(features, targets).mean(1).mean()
+
+    def describe(self) -> str:
+        return f"distance to the nearest clean exemplar over {len(self.layers)} layers (normalised, averaged)"
