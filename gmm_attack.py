@@ -113,7 +113,8 @@ class Config(TermAttackConfig):
                                        "the median held-out clean image of the target class, normalised, "
                                        "averaged over layers; typical_set.py) or exemplar (every layer pulled "
                                        "towards one real training image of the target class, the nearest over "
-                                       "all layers, normalised, averaged over layers; exemplar.py)",
+                                       "all layers, normalised, averaged over every hierarchical layer, "
+                                       "wide ones included; exemplar.py)",
                          choices=TERM_CHOICES)
     class_loss: str = cli.flag(DEFAULT_CLASS_LOSS, "classification loss beside the term: base (the method's own: "
                                "CE, or CW's margin) or margin (max_j≠t z_j − z_t clamped at −κ: once the target "
@@ -155,11 +156,12 @@ def stage_inputs(run_: runs.Run, attack: str, detector_attack: str, noise: str, 
 
 def make_term(form: str, run_: runs.Run, model, mixtures: gmm.Mixtures, device, batch_size: int):
     """The HFC term of ``--term``: an ``hfc.HFCTerm`` in one of its forms, the typical-set term with
-    τ measured on the run's validation images, or the exemplar term on the mixtures' layers."""
+    τ measured on the run's validation images, or the exemplar term on every hierarchical layer (it
+    needs no covariance, so no channel cap: the stage outputs the detectors read are kept)."""
     if form == TYPICAL_TERM:
         return typical_set.fitted_term(run_, model, mixtures, device, batch_size, normalise=True)
     if form == EXEMPLAR_TERM:
-        return exemplar.fitted_term(run_, model, mixtures.layers, device, batch_size)
+        return exemplar.fitted_term(run_, model, model.conv_layers, device, batch_size)
     return hfc.HFCTerm(mixtures, device=device, **hfc.TERMS[form])
 
 

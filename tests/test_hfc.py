@@ -384,7 +384,7 @@ def test_gmm_attack_exemplar_term_pulls_towards_clean_images_of_the_target(pipel
 
     run_ = runs.Run("synthetic", "resnet18")
     model, _ = saver.load_model(run_.checkpoint, "cpu")
-    term = exemplar.fitted_term(run_, model, gmm.load_mixtures(run_.mixtures_dir(2)).layers, "cpu", 16)
+    term = exemplar.fitted_term(run_, model, model.conv_layers, "cpu", 16)
     distance = {}
     for name, where in (("exemplar", folder), ("control", attack_dir / "hfc_M2_lam0_lossmargin")):
         ae = aesets.load_ae_set(where)
