@@ -14,7 +14,8 @@ For an AE with target t and kept layers l with pooled features f_l (C_l channels
 
     d_l(f, e) = ‖f_l − e_l‖² / (C_l · s_{l,t})          term = mean_l d_l(f, e*)
 
-where e ranges over the bank (the training images of class t that the model classifies as t),
+where e ranges over the bank (the images of class t that the model classifies as t: by default
+the training images, or the validation images, see ``fitted_term``),
 e* = argmin_e Σ_l d_l(f, e) is chosen anew at each step without gradient (one exemplar for all
 layers: a nearest-neighbour density on the whole hierarchy), and s_{l,t} is the median over
 held-out clean images of class t of ‖f_l − e*_l‖²/C_l: a held-out clean image scores about 1 per
@@ -35,17 +36,40 @@ SCALE_FLOOR = 1e-12
 MAX_SCALE_PASSES = 10
 
 
-def fitted_term(run_, model, layers: Sequence[int], device, batch_size: int) -> "ExemplarTerm":
-    """An exemplar term whose bank is the run's correctly classified training images and whose
-    scales are measured on its held-out clean images (``features.heldout_pooled``)."""
+BANKS = ("train", "val")
+
+
+def fitted_term(run_, model, layers: Sequence[int], device, batch_size: int, bank: str = "train") -> "ExemplarTerm":
+    """An exemplar term whose bank is the run's correctly classified images of one split part.
+
+    ``bank="train"``: the training images; the scales are measured on the held-out clean images
+    (``features.heldout_pooled``). ``bank="val"``: the validation images, held out from the model
+    and from every detector's fit, so that the goal is as typical as a *test* image (training
+    images are more typical than test images under anything fitted on them, MAHA's class means
+    and KD's kernels included); the scales are then measured leaving each validation image out
+    of its own choice."""
+    if bank not in BANKS:
+        raise ValueError(f"bank must be one of {BANKS}, got {bank!r}")
     train = features.part_features(run_, model, "train", device, batch_size)
-    correct = train.predictions == train.labels
     num_classes = train.logits.shape[1]
-    term = ExemplarTerm([None if p is None else p[correct] for p in train.pooled], train.labels[correct],
-                        layers, num_classes, device=device)
+    if bank == "train":
+        correct = train.predictions == train.labels
+        term = ExemplarTerm([None if p is None else p[correct] for p in train.pooled], train.labels[correct],
+                            layers, num_classes, device=device)
+        val = features.part_features(run_, model, "val", device, batch_size)
+        pooled, labels = features.heldout_pooled(val.pooled, val.labels, num_classes, lambda: train)
+        term.fit_scales(pooled, labels)
+        return term
     val = features.part_features(run_, model, "val", device, batch_size)
-    pooled, labels = features.heldout_pooled(val.pooled, val.labels, num_classes, lambda: train)
-    term.fit_scales(pooled, labels)
+    correct = val.predictions == val.labels
+    counts = np.bincount(val.labels[correct], minlength=num_classes)
+    if (counts < features.MIN_HELDOUT_PER_CLASS).any():
+        raise UserError(f"the validation split has {counts.tolist()} correctly classified images per class; the "
+                        f"validation exemplars need at least {features.MIN_HELDOUT_PER_CLASS} of each "
+                        f"(use the training exemplars)")
+    pooled = [None if p is None else p[correct] for p in val.pooled]
+    term = ExemplarTerm(pooled, val.labels[correct], layers, num_classes, device=device)
+    term.fit_scales(pooled, val.labels[correct], leave_out=np.arange(int(correct.sum())))
     return term
 
 
@@ -87,8 +111,10 @@ class ExemplarTerm(nn.Module):
             self._moved = True
 
     @torch.no_grad()
-    def nearest(self, features: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-        """For each sample, the bank row e* of its target's class minimising Σ_l d_l (no gradient)."""
+    def nearest(self, features: Sequence[torch.Tensor], targets: torch.Tensor,
+                leave_out: torch.Tensor | None = None) -> torch.Tensor:
+        """For each sample, the bank row e* of its target's class minimising Σ_l d_l (no gradient);
+        ``leave_out`` (B bank rows, −1 for none) is a row each sample may not choose (itself)."""
         self._ensure_on(features[self.layers[0]])
         targets = targets.to(self.bank_labels.device, torch.long)
         scales = self.scales.index_select(0, targets)  # B×L
@@ -99,6 +125,9 @@ class ExemplarTerm(nn.Module):
             d = torch.cdist(f, bank).square() / (bank.shape[1] * scales[:, i:i + 1])
             total = d if total is None else total + d
         total = total.masked_fill(self.bank_labels.unsqueeze(0) != targets.unsqueeze(1), float("inf"))
+        if leave_out is not None:
+            rows = torch.nonzero(leave_out >= 0).squeeze(1)
+            total[rows, leave_out[rows]] = float("inf")
         return total.argmin(1)
 
     def layer_values(self, features: Sequence[torch.Tensor], targets: torch.Tensor,
@@ -116,12 +145,14 @@ class ExemplarTerm(nn.Module):
         return torch.stack(columns, 1) / scales
 
     @torch.no_grad()
-    def fit_scales(self, pooled: Sequence[np.ndarray], labels: np.ndarray) -> np.ndarray:
+    def fit_scales(self, pooled: Sequence[np.ndarray], labels: np.ndarray,
+                   leave_out: np.ndarray | None = None) -> np.ndarray:
         """s (classes × layers): the median over the given held-out clean images of each class of
         their per-layer squared distance (per channel) to their nearest exemplar. The choice of the
         nearest exemplar depends on s, so s is refitted until the choices stop changing (at most
         ``MAX_SCALE_PASSES`` times); then a held-out image scores exactly 1 per layer in the median.
-        Returns s."""
+        ``leave_out``: for each held-out image, a bank row it may not choose (itself, when the
+        images are the bank; −1 for none). Returns s."""
         labels = np.asarray(labels, np.int64)
         missing = [c for c in range(self.num_classes) if not np.any(labels == c)]
         if missing:
@@ -129,13 +160,14 @@ class ExemplarTerm(nn.Module):
         dtype, device = self.bank_0.dtype, self.bank_0.device
         feats = [None if p is None else torch.as_tensor(np.asarray(p), dtype=dtype, device=device) for p in pooled]
         targets = torch.as_tensor(labels, device=device)
+        skip = None if leave_out is None else torch.as_tensor(np.asarray(leave_out, np.int64), device=device)
         self.scales.fill_(1.0)
-        chosen = self.nearest(feats, targets)
+        chosen = self.nearest(feats, targets, skip)
         for _ in range(MAX_SCALE_PASSES):
             raw = (self.layer_values(feats, targets, chosen) * self.scales.index_select(0, targets)).double().cpu()
             scales = np.stack([np.median(raw.numpy()[labels == c], axis=0) for c in range(self.num_classes)])
             self.scales.copy_(torch.as_tensor(np.maximum(scales, SCALE_FLOOR), dtype=dtype))
-            again = self.nearest(feats, targets)
+            again = self.nearest(feats, targets, skip)
             if torch.equal(again, chosen):
                 break
             chosen = again

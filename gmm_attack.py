@@ -119,6 +119,10 @@ class Config(TermAttackConfig):
     class_loss: str = cli.flag(DEFAULT_CLASS_LOSS, "classification loss beside the term: base (the method's own: "
                                "CE, or CW's margin) or margin (max_j≠t z_j − z_t clamped at −κ: once the target "
                                "leads by κ only the term acts)", choices=hfc.CLASS_LOSSES)
+    exemplars: str = cli.flag("train", "with --term exemplar, the images its goals are drawn from: train (the "
+                              "correctly classified training images) or val (the validation images, held out "
+                              "from the model and the detectors: as typical as a test image)",
+                              choices=exemplar.BANKS)
     kappa: float | None = cli.flag(None, f"the margin's κ (default: {DEFAULT_KAPPA} for --class-loss margin; "
                                          "CW's own otherwise)", check=cli.non_negative)
     limit: int | None = cli.flag(None, "attack only the first N images of A_eval", check=cli.at_least(2))
@@ -139,7 +143,7 @@ class Config(TermAttackConfig):
 
 # The settings that change the HFC AEs or their scoring, by the short name they add to the folder.
 VARIANT_FIELDS = {"step_size": "a", "steps": "T", "last_iterate": "last", "detector": "det", "term": "term",
-                  "class_loss": "loss", "kappa": "kappa"}
+                  "class_loss": "loss", "kappa": "kappa", "exemplars": "ex"}
 
 
 def main(argv=None) -> dict:
@@ -154,14 +158,15 @@ def stage_inputs(run_: runs.Run, attack: str, detector_attack: str, noise: str, 
             "mixtures": run_.mixtures_dir(num_component) / runs.MIXTURES}
 
 
-def make_term(form: str, run_: runs.Run, model, mixtures: gmm.Mixtures, device, batch_size: int):
+def make_term(form: str, run_: runs.Run, model, mixtures: gmm.Mixtures, device, batch_size: int,
+              exemplars: str = "train"):
     """The HFC term of ``--term``: an ``hfc.HFCTerm`` in one of its forms, the typical-set term with
     τ measured on the run's validation images, or the exemplar term on every hierarchical layer (it
     needs no covariance, so no channel cap: the stage outputs the detectors read are kept)."""
     if form == TYPICAL_TERM:
         return typical_set.fitted_term(run_, model, mixtures, device, batch_size, normalise=True)
     if form == EXEMPLAR_TERM:
-        return exemplar.fitted_term(run_, model, model.conv_layers, device, batch_size)
+        return exemplar.fitted_term(run_, model, model.conv_layers, device, batch_size, bank=exemplars)
     return hfc.HFCTerm(mixtures, device=device, **hfc.TERMS[form])
 
 
@@ -181,7 +186,9 @@ def run(config: Config) -> dict:
     fitted = evaluation.load_fresh_detectors(run_, detector_attack)
     mixtures = evaluation.load_fresh_mixtures(run_, config.num_component,
                                               need_scales=config.term not in OWN_SCALE_TERMS and hfc.needs_scales(config.term))
-    term = make_term(config.term, run_, model, mixtures, device, config.batch_size)
+    if config.exemplars != "train" and config.term != EXEMPLAR_TERM:
+        raise utils.UserError("--exemplars applies to --term exemplar only")
+    term = make_term(config.term, run_, model, mixtures, device, config.batch_size, config.exemplars)
     step_256, steps = hfc.hfc_schedule(run_.dataset, config.arch, spec.eps_256, config.step_size, config.steps)
     base = sets["base"]
     eval_pos = sets["eval"][:config.limit] if config.limit else sets["eval"]

@@ -173,6 +173,8 @@ def _hfc_label(results: dict[str, Any]) -> str:
         loss = settings.get("class_loss", "base")
         return "λ = 0 control" + ("" if loss == "base" else f" ({loss} κ {results.get('kappa')})")
     parts = [f"HFC ({settings.get('term', results.get('term', 'paper'))}"]
+    if settings.get("exemplars", "train") != "train":
+        parts.append(f" of {settings['exemplars']}")
     if settings.get("class_loss", "base") != "base":
         parts.append(f", {settings['class_loss']} κ {results.get('kappa')}")
     return "".join(parts) + f", λ {settings.get('lamda', results.get('lamda'))})"

@@ -72,8 +72,8 @@ def test_exemplar_gradient_matches_finite_differences():
     assert torch.autograd.gradcheck(
         lambda a, b: term.layer_values([a, None, b], targets, chosen).mean(1).mean(), points, eps=1e-6, atol=1e-6)
     value = term(None, [points[0], None, points[1]], targets)
-    np.testing.assert_allclose(float(value), float(term.layer_values([points[0], None, points[1]], targets,
-                                                                     chosen).mean()), rtol=1e-12)
+    expected = term.layer_values([points[0], None, points[1]], targets, chosen).mean()
+    np.testing.assert_allclose(float(value.detach()), float(expected.detach()), rtol=1e-12)
 
 
 def test_exemplar_term_refuses_a_class_without_exemplars():
@@ -82,3 +82,18 @@ def test_exemplar_term_refuses_a_class_without_exemplars():
         exemplar.ExemplarTerm(pooled, np.zeros_like(labels), [0, 2], 2)
     with pytest.raises(UserError, match="layers"):
         exemplar.ExemplarTerm(pooled, labels, [1], 2)
+
+
+def test_exemplar_scales_leave_each_bank_image_out_of_its_own_choice():
+    """With the held-out images as the bank (``bank="val"``), an image may not choose itself: its
+    scale is the distance to its nearest *other* image of the class, never 0."""
+    pooled, labels = _held_out()
+    term = exemplar.ExemplarTerm(pooled, labels, [0, 2], 2, dtype=torch.float64)
+    scales = term.fit_scales(pooled, labels, leave_out=np.arange(len(labels)))
+    assert (scales > 1e-6).all()
+    feats = [None if p is None else torch.tensor(p) for p in pooled]
+    chosen = term.nearest(feats, torch.as_tensor(labels), torch.arange(len(labels)))
+    assert (chosen.numpy() != np.arange(len(labels))).all()
+    assert (labels[chosen.numpy()] == labels).all()
+    # without leave-out every image chooses itself and the scale collapses to the floor
+    assert (term.fit_scales(pooled, labels) <= exemplar.SCALE_FLOOR).all()
