@@ -172,6 +172,8 @@ def make_term(form: str, run_: runs.Run, model, mixtures: gmm.Mixtures, device, 
 
 def run(config: Config) -> dict:
     """Choose λ (when asked) on A_fit, attack A_eval with HFC, score both rows; returns results.json."""
+    if config.exemplars != "train" and config.term != EXEMPLAR_TERM:
+        raise utils.UserError("--exemplars applies to --term exemplar only")
     spec = attacks.parse_attack(config.attack)
     if spec.method == "Noise":
         raise utils.UserError(f"--attack must be an attack, not the noise set {spec.name}")
@@ -186,8 +188,6 @@ def run(config: Config) -> dict:
     fitted = evaluation.load_fresh_detectors(run_, detector_attack)
     mixtures = evaluation.load_fresh_mixtures(run_, config.num_component,
                                               need_scales=config.term not in OWN_SCALE_TERMS and hfc.needs_scales(config.term))
-    if config.exemplars != "train" and config.term != EXEMPLAR_TERM:
-        raise utils.UserError("--exemplars applies to --term exemplar only")
     term = make_term(config.term, run_, model, mixtures, device, config.batch_size, config.exemplars)
     step_256, steps = hfc.hfc_schedule(run_.dataset, config.arch, spec.eps_256, config.step_size, config.steps)
     base = sets["base"]
