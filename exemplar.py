@@ -50,17 +50,15 @@ def fitted_term(run_, model, layers: Sequence[int], device, batch_size: int, ban
     of its own choice."""
     if bank not in BANKS:
         raise ValueError(f"bank must be one of {BANKS}, got {bank!r}")
-    train = features.part_features(run_, model, "train", device, batch_size)
-    num_classes = train.logits.shape[1]
+    val = features.part_features(run_, model, "val", device, batch_size)
+    num_classes = val.logits.shape[1]
     if bank == "train":
+        train = features.part_features(run_, model, "train", device, batch_size)
         correct = train.predictions == train.labels
         term = ExemplarTerm([None if p is None else p[correct] for p in train.pooled], train.labels[correct],
                             layers, num_classes, device=device)
-        val = features.part_features(run_, model, "val", device, batch_size)
-        pooled, labels = features.heldout_pooled(val.pooled, val.labels, num_classes, lambda: train)
-        term.fit_scales(pooled, labels)
+        term.fit_scales(*features.heldout_pooled(val.pooled, val.labels, num_classes, lambda: train))
         return term
-    val = features.part_features(run_, model, "val", device, batch_size)
     correct = val.predictions == val.labels
     counts = np.bincount(val.labels[correct], minlength=num_classes)
     if (counts < features.MIN_HELDOUT_PER_CLASS).any():
@@ -154,9 +152,6 @@ class ExemplarTerm(nn.Module):
         ``leave_out``: for each held-out image, a bank row it may not choose (itself, when the
         images are the bank; −1 for none). Returns s."""
         labels = np.asarray(labels, np.int64)
-        missing = [c for c in range(self.num_classes) if not np.any(labels == c)]
-        if missing:
-            raise UserError(f"no held-out clean image of class(es) {missing} to measure the exemplar scales on")
         dtype, device = self.bank_0.dtype, self.bank_0.device
         feats = [None if p is None else torch.as_tensor(np.asarray(p), dtype=dtype, device=device) for p in pooled]
         targets = torch.as_tensor(labels, device=device)
@@ -165,7 +160,7 @@ class ExemplarTerm(nn.Module):
         chosen = self.nearest(feats, targets, skip)
         for _ in range(MAX_SCALE_PASSES):
             raw = (self.layer_values(feats, targets, chosen) * self.scales.index_select(0, targets)).double().cpu()
-            scales = np.stack([np.median(raw.numpy()[labels == c], axis=0) for c in range(self.num_classes)])
+            scales = features.per_class_median(raw.numpy(), labels, self.num_classes, "the exemplar scales")
             self.scales.copy_(torch.as_tensor(np.maximum(scales, SCALE_FLOOR), dtype=dtype))
             again = self.nearest(feats, targets, skip)
             if torch.equal(again, chosen):

@@ -17,7 +17,7 @@ from tqdm import tqdm
 import datasets
 import network
 import runs
-from utils import batches, load_npz, replacing_dir, save_npz, write_json
+from utils import UserError, batches, load_npz, replacing_dir, save_npz, write_json
 
 
 def seeded_subset(n: int, limit: int | None, seed: int) -> np.ndarray:
@@ -203,3 +203,14 @@ def heldout_pooled(val_pooled: Sequence[np.ndarray], val_labels: np.ndarray, num
     keep, extra = ~np.isin(val_labels, short), np.isin(train_set.labels, short)
     pooled = [np.concatenate([p[keep], t[extra]]) for p, t in zip(val_pooled, train_set.pooled)]
     return pooled, np.concatenate([val_labels[keep], train_set.labels[extra]])
+
+
+def per_class_median(values: np.ndarray, labels: np.ndarray, num_classes: int, what: str) -> np.ndarray:
+    """classes × columns: the median of the rows of ``values`` (N × columns) of each class, for
+    the held-out statistics the typical-set and exemplar terms are normalised by. Every class needs
+    at least one row; ``what`` names the statistic in the one-line error."""
+    labels = np.asarray(labels, np.int64)
+    missing = [c for c in range(num_classes) if not np.any(labels == c)]
+    if missing:
+        raise UserError(f"no held-out clean image of class(es) {missing} to measure {what} on")
+    return np.stack([np.median(values[labels == c], axis=0) for c in range(num_classes)])

@@ -126,16 +126,13 @@ class TypicalSetTerm(nn.Module):
         that class's mixture; and the normalised form's scales, the median of (ℓ − τ)² over the same
         images (floored at 1e-12). Every class needs at least one image. Returns (τ, scales)."""
         labels = np.asarray(labels, np.int64)
-        missing = [c for c in range(self.num_classes) if not np.any(labels == c)]
-        if missing:
-            raise UserError(f"no held-out clean image of class(es) {missing} to measure the typical log-likelihood on")
         dtype, device = self.means_0.dtype, self.means_0.device
         feats = [None if p is None else torch.as_tensor(np.asarray(p), dtype=dtype, device=device) for p in pooled]
         values = self.log_likelihoods(feats, torch.as_tensor(labels, device=device)).double().cpu().numpy()
-        tau = np.stack([np.median(values[labels == c], axis=0) for c in range(self.num_classes)])
+        tau = features.per_class_median(values, labels, self.num_classes, "the typical log-likelihood")
         gaps = (values - tau[labels]) ** 2
-        scales = np.stack([np.median(gaps[labels == c], axis=0) for c in range(self.num_classes)])
-        scales = np.maximum(scales, SCALE_FLOOR)
+        scales = np.maximum(features.per_class_median(gaps, labels, self.num_classes, "the typical log-likelihood"),
+                            SCALE_FLOOR)
         self.tau = torch.as_tensor(tau, dtype=dtype, device=device)
         self.scales = torch.as_tensor(scales, dtype=dtype, device=device)
         return tau, scales

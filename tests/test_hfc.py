@@ -338,6 +338,18 @@ def test_report_formats():
     assert "| layer4 | 1.000 | 0.600 |" in layers and "| combined | 1.000 | 0.200 |" in layers
 
 
+def _mean_layer_values(model, term, folders: dict) -> dict:
+    """For each named AE folder: the mean of ``term.layer_values`` over its successful AEs' features."""
+    means = {}
+    for name, where in folders.items():
+        ae = aesets.load_ae_set(where)
+        hit = ae["success"]
+        feats = features.adv_set(model, ae["adv"], hit, "cpu", progress=False)
+        pooled = [torch.from_numpy(p) for p in feats.pooled]
+        means[name] = float(term.layer_values(pooled, torch.as_tensor(ae["targets"][hit])).mean())
+    return means
+
+
 def test_gmm_attack_typical_term_pulls_each_layer_to_the_clean_level(pipeline, monkeypatch):
     """--term typical: the two-sided term (typical_set.py) with τ from the validation images. Its
     AEs' per-layer log-likelihoods lie closer to the typical clean level than those of the λ = 0
@@ -356,13 +368,7 @@ def test_gmm_attack_typical_term_pulls_each_layer_to_the_clean_level(pipeline, m
     run_ = runs.Run("synthetic", "resnet18")
     model, _ = saver.load_model(run_.checkpoint, "cpu")
     term = typical_set.fitted_term(run_, model, gmm.load_mixtures(run_.mixtures_dir(2)), "cpu", 16)
-    gaps = {}
-    for name, where in (("typical", folder), ("control", attack_dir / "hfc_M2_lam0_lossmargin")):
-        ae = aesets.load_ae_set(where)
-        both = ae["success"]
-        feats = features.adv_set(model, ae["adv"], both, "cpu", progress=False)
-        pooled = [torch.from_numpy(p) for p in feats.pooled]
-        gaps[name] = float(term.layer_values(pooled, torch.as_tensor(ae["targets"][both])).mean())
+    gaps = _mean_layer_values(model, term, {"typical": folder, "control": attack_dir / "hfc_M2_lam0_lossmargin"})
     print(f"per-layer (ℓ − τ)² / scale: typical {gaps['typical']:.3g}, control {gaps['control']:.3g}")
     assert gaps["typical"] < 0.5 * gaps["control"], gaps
 
@@ -387,13 +393,7 @@ def test_gmm_attack_exemplar_term_pulls_towards_clean_images_of_the_target(pipel
     run_ = runs.Run("synthetic", "resnet18")
     model, _ = saver.load_model(run_.checkpoint, "cpu")
     term = exemplar.fitted_term(run_, model, model.conv_layers, "cpu", 16)
-    distance = {}
-    for name, where in (("exemplar", folder), ("control", attack_dir / "hfc_M2_lam0_lossmargin")):
-        ae = aesets.load_ae_set(where)
-        hit = ae["success"]
-        feats = features.adv_set(model, ae["adv"], hit, "cpu", progress=False)
-        pooled = [torch.from_numpy(p) for p in feats.pooled]
-        distance[name] = float(term.layer_values(pooled, torch.as_tensor(ae["targets"][hit])).mean())
+    distance = _mean_layer_values(model, term, {"exemplar": folder, "control": attack_dir / "hfc_M2_lam0_lossmargin"})
     print(f"per-layer distance to the nearest exemplar / clean scale: exemplar {distance['exemplar']:.3g}, "
           f"control {distance['control']:.3g}")
     assert distance["exemplar"] < 0.8 * distance["control"], distance
