@@ -31,6 +31,9 @@ CLASS_LOSSES = ("base", "margin")
 FALLBACK_STEP_FRACTION = 0.1
 DEFAULT_LAMBDA_GRID = (1.0, 0.1, 0.01, 1e-3, 1e-4, 1e-5, 1e-6)
 DEFAULT_MIN_SUCCESS = 0.95
+# Images per step of a λ trial: the trial stops once its verdict is certain (choose_lambda), so a
+# λ that fails is usually settled by its first chunk.
+TRIAL_CHUNK = 4
 
 
 def needs_scales(term: str) -> bool:
@@ -267,7 +270,7 @@ def hfc_attack(model, term: HFCTerm | None, images: torch.Tensor, targets: np.nd
 
 def choose_lambda(model, term: HFCTerm, images: torch.Tensor, targets: np.ndarray, spec, *,
                   grid: Sequence[float], min_success: float, refine: bool = True,
-                  **attack_kwargs) -> tuple[float, list[dict], str]:
+                  chunk: int = TRIAL_CHUNK, **attack_kwargs) -> tuple[float, list[dict], str]:
     """λ chosen on the given images (a subset of A_fit: never the evaluation images).
 
     The rule: the largest λ of ``grid`` whose success reaches the bar, the smaller of
@@ -278,32 +281,77 @@ def choose_lambda(model, term: HFCTerm, images: torch.Tensor, targets: np.ndarra
     reaches the bar, the one with the best success is taken (ties: the larger).
 
     Cost: the largest λ is tried first (one trial when it passes); otherwise the grid is bisected,
-    which assumes success does not fall as λ falls. The λ = 0 trial runs only when a success
-    below ``min_success`` has to be compared with it. In each trial an image stops being attacked
-    at its first hit (final with keep-successful) and the trial stops once every image has hit.
+    which assumes success does not fall as λ falls. The λ = 0 trial runs only when a λ falls
+    short of ``min_success``. A trial attacks the images ``chunk`` at a time and stops as soon as
+    its verdict is certain: once enough images have hit to reach the bar, or once so many have
+    missed that it cannot. Images do not interact, so the verdict is the one the whole trial would
+    give (for the methods with random draws, PGD's start and DI's transforms, a chunk's draws are
+    another sample than a whole batch's); a term with per-image guides bound to the batch is tried
+    in one chunk. Within a chunk an image stops being attacked at its first hit (final with
+    keep-successful). A trial's record gives the images it attacked, their hits and the bounds
+    these put on its success over all the images (equal when it attacked them all).
     Returns λ, the trials and the rule in words."""
-    trials: list[dict] = []
-    rates: dict[float, float] = {}
+    n = len(images)
+    if getattr(term, "per_image", False):
+        chunk = n
+    chunk = max(1, int(chunk))
+    outcomes: dict[float, list[bool]] = {}  # per λ: the hits of the images attacked so far, in order
+
+    def attack_next(lam: float) -> None:
+        done = outcomes.setdefault(lam, [])
+        if not done:
+            print(f"  λ = {lam:.3g}: trial on up to {n} A_fit images, {chunk} at a time")
+        part = slice(len(done), min(n, len(done) + chunk))
+        # A trial on real images takes minutes: its progress bar shows (and clears after).
+        _, success = hfc_attack(model, term, images[part], np.asarray(targets)[part], spec, lam=lam,
+                                progress=True, stop_when_all_hit=True, **attack_kwargs)
+        done.extend(bool(hit) for hit in success.tolist())
+
+    def reaches(lam: float, need: int) -> bool:
+        """Whether at least ``need`` of the n images hit at λ (attacking only until that is certain)."""
+        while True:
+            done = outcomes.get(lam, [])
+            hits = sum(done)
+            if hits >= need:
+                return True
+            if len(done) - hits > n - need:
+                return False
+            attack_next(lam)
 
     def success_of(lam: float) -> float:
-        if lam not in rates:
-            # A trial on real images takes minutes: its progress bar shows (and clears after).
-            _, success = hfc_attack(model, term, images, targets, spec, lam=lam, progress=True,
-                                    stop_when_all_hit=True, **attack_kwargs)
-            rates[lam] = float(success.float().mean())
-            trials.append({"lamda": lam, "fit_success": rates[lam], "images": len(images)})
-            print(f"  λ = {lam:.3g}: success {rates[lam]:.3f} on {len(images)} A_fit images")
-        return rates[lam]
+        """The success over all n images (the trial completed)."""
+        while len(outcomes.get(lam, [])) < n:
+            attack_next(lam)
+        return sum(outcomes[lam]) / n
+
+    need_min = int(np.ceil(min_success * n - 1e-9))
+    bar = {}  # "need": the hits the bar asks for, once the base attack's success has been looked at
 
     def passes(lam: float) -> bool:
-        rate = success_of(lam)
-        return rate >= min_success or rate >= success_of(0.0)
+        if reaches(lam, need_min):
+            return True
+        if "need" not in bar:
+            bar["need"] = need_min if reaches(0.0, need_min) else round(success_of(0.0) * n)
+        return bar["need"] < need_min and reaches(lam, bar["need"])
 
     def rule() -> str:
-        if 0.0 in rates:
-            bar = min(min_success, rates[0.0])
-            return f"largest λ of the grid with A_fit success ≥ min({min_success:g}, base {rates[0.0]:.3f}) = {bar:.3f}"
-        return f"largest λ of the grid with A_fit success ≥ {min_success:g}"
+        if "need" not in bar:
+            return f"largest λ of the grid with A_fit success ≥ {min_success:g}"
+        if bar["need"] < need_min:
+            base = success_of(0.0)
+            return f"largest λ of the grid with A_fit success ≥ min({min_success:g}, base {base:.3f}) = {base:.3f}"
+        return f"largest λ of the grid with A_fit success ≥ {min_success:.3f} (the base attack reaches it)"
+
+    def records() -> list[dict]:
+        rows = []
+        for lam, done in outcomes.items():
+            hits, misses = sum(done), len(done) - sum(done)
+            rows.append({"lamda": lam, "images": len(done), "hits": hits,
+                         "fit_success": hits / n if len(done) == n else None,
+                         "success_bounds": [hits / n, (n - misses) / n]})
+            print(f"  λ = {lam:.3g}: {hits} of {len(done)} attacked images hit; success on the {n} A_fit "
+                  f"images in [{hits / n:.3f}, {(n - misses) / n:.3f}]")
+        return rows
 
     ordered = [lam for lam in sorted(set(grid), reverse=True) if lam > 0]
     chosen = None
@@ -319,13 +367,16 @@ def choose_lambda(model, term: HFCTerm, images: torch.Tensor, targets: np.ndarra
             else:
                 low = middle + 1
     if chosen is None:
-        best = max((t for t in trials if t["lamda"] > 0), key=lambda t: (t["fit_success"], t["lamda"]))
-        bar = min(min_success, success_of(0.0))
-        print(f"  no λ reached {bar:.3f}; taking λ = {best['lamda']:.3g} (the best success)")
-        return best["lamda"], trials, f"no λ reached {bar:.3f}: the λ with the best A_fit success"
+        # Rare (not even the smallest λ does as well as the base attack): the best success needs
+        # every tried λ's trial completed.
+        tried = [lam for lam in outcomes if lam > 0]
+        best = max(tried, key=lambda lam: (success_of(lam), lam))
+        level = min(min_success, success_of(0.0))
+        print(f"  no λ reached {level:.3f}; taking λ = {best:.3g} (the best success)")
+        return best, records(), f"no λ reached {level:.3f}: the λ with the best A_fit success"
     lam = ordered[chosen]
     if refine and chosen > 0:
         middle = float(np.sqrt(lam * ordered[chosen - 1]))
         if passes(middle):
             lam = middle
-    return lam, trials, rule()
+    return lam, records(), rule()

@@ -88,24 +88,75 @@ def test_choose_lambda_takes_the_largest_that_succeeds(monkeypatch):
     assert lam == pytest.approx(np.sqrt(1e-5))
 
 
+def _indexed_images(n: int) -> torch.Tensor:
+    """n tiny images whose first pixel is their index, so that a fake attack knows which it got."""
+    return torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 2, 2).contiguous()
+
+
+def _attack_hitting(rates, calls=None):
+    """A fake hfc_attack under which, at λ, exactly the first round(rates(λ)·n) images hit."""
+    def fake_attack(model, term, images, targets, spec, *, lam, **kwargs):
+        index = images[:, 0, 0, 0].long()
+        if calls is not None:
+            calls.append((lam, index.tolist(), kwargs.get("stop_when_all_hit")))
+        return images, index < int(round(rates(lam) * N_TUNE))
+    return fake_attack
+
+
+N_TUNE = 10
+
+
 def test_choose_lambda_bar_is_the_base_attacks_own_success(monkeypatch):
     # The base attack (λ = 0) hits 8 of 10 images: the bar is 0.8, not 0.95, so the largest λ that
     # does as well as the base attack is taken; when none does, the best success.
-    def attack_hitting(rates):
-        def fake_attack(model, term, images, targets, spec, *, lam, **kwargs):
-            hits = int(round(rates(lam) * len(images)))
-            return images, torch.arange(len(images)) < hits
-        return fake_attack
-
-    images = torch.zeros(10, 3, 2, 2)
-    monkeypatch.setattr(hfc, "hfc_attack", attack_hitting(lambda lam: 0.8 if lam <= 0.01 else 0.3))
-    lam, trials, rule = hfc.choose_lambda(None, None, images, np.zeros(10), None, grid=[1, 0.1, 0.01, 0.001],
+    images = _indexed_images(N_TUNE)
+    monkeypatch.setattr(hfc, "hfc_attack", _attack_hitting(lambda lam: 0.8 if lam <= 0.01 else 0.3))
+    lam, trials, rule = hfc.choose_lambda(None, None, images, np.zeros(N_TUNE), None, grid=[1, 0.1, 0.01, 0.001],
                                           min_success=0.95)
     assert lam == 0.01 and trials[1]["lamda"] == 0.0 and trials[1]["fit_success"] == pytest.approx(0.8)
     assert "0.800" in rule
-    monkeypatch.setattr(hfc, "hfc_attack", attack_hitting(lambda lam: {0: 0.9, 1: 0.5}.get(lam, 0.7)))
-    lam, _, rule = hfc.choose_lambda(None, None, images, np.zeros(10), None, grid=[1, 0.1, 0.01], min_success=0.95)
+    monkeypatch.setattr(hfc, "hfc_attack", _attack_hitting(lambda lam: {0: 0.9, 1: 0.5}.get(lam, 0.7)))
+    lam, trials, rule = hfc.choose_lambda(None, None, images, np.zeros(N_TUNE), None, grid=[1, 0.1, 0.01],
+                                          min_success=0.95)
     assert lam == 0.1 and "best" in rule  # the best success, the larger λ of a tie
+    assert {t["lamda"]: t["fit_success"] for t in trials if t["lamda"] > 0} == {1: 0.5, 0.1: 0.7, 0.01: 0.7}
+
+
+def test_a_trial_stops_once_its_verdict_is_certain(monkeypatch):
+    # 10 images in chunks of 4, bar 0.95 (all 10 must hit): λ = 1 (3 hits) fails on its first chunk,
+    # the base attack passes once all 10 have hit, λ = 0.1 (all hit) needs all 10. Each record
+    # bounds the full success, and the verdicts are those of the full rates.
+    calls = []
+    images = _indexed_images(N_TUNE)
+    monkeypatch.setattr(hfc, "hfc_attack", _attack_hitting(lambda lam: 0.3 if lam >= 1 else 1.0, calls))
+    lam, trials, _ = hfc.choose_lambda(None, None, images, np.zeros(N_TUNE), None, grid=[1, 0.1],
+                                       min_success=0.95, refine=False, chunk=4)
+    assert lam == 0.1
+    assert [(c[0], c[1]) for c in calls] == [(1, [0, 1, 2, 3]), (0.0, [0, 1, 2, 3]), (0.0, [4, 5, 6, 7]),
+                                             (0.0, [8, 9]), (0.1, [0, 1, 2, 3]), (0.1, [4, 5, 6, 7]),
+                                             (0.1, [8, 9])]
+    assert all(c[2] for c in calls)  # within a chunk, images leave at their first hit
+    first = trials[0]
+    assert (first["lamda"], first["images"], first["hits"], first["fit_success"]) == (1, 4, 3, None)
+    assert first["success_bounds"] == [0.3, pytest.approx(0.9)]  # 0.3 (the full rate) lies within
+    # under a lower bar (the base attack's 0.7, 3 misses allowed) λ = 1 needs a second chunk to fail
+    calls.clear()
+    monkeypatch.setattr(hfc, "hfc_attack", _attack_hitting(lambda lam: {0: 0.7, 1: 0.3}.get(lam, 0.7), calls))
+    lam, trials, rule = hfc.choose_lambda(None, None, images, np.zeros(N_TUNE), None, grid=[1, 0.1],
+                                          min_success=0.95, refine=False, chunk=4)
+    assert lam == 0.1 and "0.700" in rule
+    assert (trials[0]["images"], trials[0]["success_bounds"]) == (8, [0.3, 0.5])
+
+
+def test_a_term_with_per_image_guides_is_tried_in_one_chunk(monkeypatch):
+    calls = []
+
+    class Guided:
+        per_image = True
+    monkeypatch.setattr(hfc, "hfc_attack", _attack_hitting(lambda lam: 1.0, calls))
+    hfc.choose_lambda(None, Guided(), _indexed_images(N_TUNE), np.zeros(N_TUNE), None, grid=[1], min_success=0.95,
+                      chunk=4)
+    assert [c[1] for c in calls] == [list(range(N_TUNE))]
 
 
 def test_choose_lambda_stops_at_the_first_lambda_that_passes(monkeypatch):
@@ -182,8 +233,11 @@ def test_fast_lambda_search_picks_what_trying_every_lambda_in_full_picks(pipelin
         if passing:
             assert lam == max(passing), (full, trials)
         assert len(trials) <= len(grid) + 1
-        for trial in trials:  # a trial's success is the full run's (early stopping changes no count)
-            assert trial["fit_success"] == pytest.approx(full[trial["lamda"]])
+        for trial in trials:  # a trial's bounds hold the full run's success (stopping early changes no count)
+            low, high = trial["success_bounds"]
+            assert low - 1e-6 <= full[trial["lamda"]] <= high + 1e-6
+            if trial["fit_success"] is not None:
+                assert trial["fit_success"] == pytest.approx(full[trial["lamda"]])
     assert len({v for v in full.values()}) > 1, f"the grid must span passing and failing λ: {full}"
 
 
