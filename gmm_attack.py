@@ -197,7 +197,7 @@ def run(config: Config) -> dict:
     attack_kwargs = dict(step_size_256=step_256, steps=steps, seed=config.seed, batch_size=config.batch_size,
                          device=device, keep_successful=not config.last_iterate,
                          **hfc.engine_loss(spec, config.class_loss, config.kappa_value()))
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
 
     trials, lamda_rule = [], "given"
     if lam is None:
@@ -206,13 +206,13 @@ def run(config: Config) -> dict:
         lam, trials, lamda_rule = hfc.choose_lambda(model, term, torch.from_numpy(base["clean"][tune]),
                                                     base["targets"][tune], spec, grid=grid,
                                                     min_success=config.min_success, **attack_kwargs)
-    tune_seconds = time.perf_counter() - started
+    tune_seconds, tune_cpu = time.perf_counter() - started, time.process_time() - started_cpu
 
-    timer = time.perf_counter()
+    timer, timer_cpu = time.perf_counter(), time.process_time()
     clean = base["clean"][eval_pos]
     adv, success = hfc.hfc_attack(model, term, torch.from_numpy(clean), base["targets"][eval_pos], spec,
                                   lam=lam, **attack_kwargs)
-    attack_seconds = time.perf_counter() - timer
+    attack_seconds, attack_cpu = time.perf_counter() - timer, time.process_time() - timer_cpu
     meta = {"attack": spec.name, "hfc": True, "dataset": run_.dataset, "arch": config.arch,
             "num_component": config.num_component, "lamda": lam, "step_size_256": step_256, "steps": steps,
             "keep_successful": not config.last_iterate, "term": config.term, "class_loss": config.class_loss,
@@ -233,7 +233,10 @@ def run(config: Config) -> dict:
         step_size_256=step_256, steps=steps, keep_successful=not config.last_iterate, term=config.term,
         class_loss=config.class_loss, kappa=config.kappa_value(), mixture_log_likelihood=loglik,
         seconds={"choose_lamda": tune_seconds, "attack": attack_seconds,
-                 "attack_per_image": attack_seconds / len(eval_pos), "score": score_seconds})
+                 "attack_per_image": attack_seconds / len(eval_pos), "score": score_seconds},
+        # The process's CPU time: on a CPU it does not grow when other jobs share the cores, so
+        # the λ search's cost relative to the attack's is comparable between runs.
+        cpu_seconds={"choose_lamda": tune_cpu, "attack": attack_cpu})
     markdown = report.format_table(results, "md") + "\n" + report.format_layer_table(results, "md")
     # The folder's AEs, table and record are swapped in together, once all of them exist.
     out = config.results_dir(run_)
@@ -250,7 +253,10 @@ def run(config: Config) -> dict:
     print(f"HFC ({config.term} term, {config.class_loss} loss): λ = {lam:.3g} ({lamda_rule}), "
           f"M = {config.num_component}, α = {step_256:g}/256, T = {steps}; "
           f"mean mixture log-likelihood of AE features: base {loglik['base']:.1f}, HFC {loglik['hfc']:.1f}; "
-          f"attack {attack_seconds:.0f} s ({attack_seconds / len(eval_pos):.2f} s/image) -> {out}")
+          f"attack {attack_seconds:.0f} s ({attack_seconds / len(eval_pos):.2f} s/image)"
+          + (f"; choosing λ took {tune_seconds / attack_seconds:.2f}× the attack's wall time, "
+             f"{tune_cpu / max(attack_cpu, 1e-9):.2f}× its CPU time" if config.lamda.lower() == "auto" else "")
+          + f" -> {out}")
     return results
 
 

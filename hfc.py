@@ -31,9 +31,10 @@ CLASS_LOSSES = ("base", "margin")
 FALLBACK_STEP_FRACTION = 0.1
 DEFAULT_LAMBDA_GRID = (1.0, 0.1, 0.01, 1e-3, 1e-4, 1e-5, 1e-6)
 DEFAULT_MIN_SUCCESS = 0.95
-# Images per step of a λ trial: the trial stops once its verdict is certain (choose_lambda), so a
-# λ that fails is usually settled by its first chunk.
-TRIAL_CHUNK = 4
+# The first chunk of a λ trial, in images; each next chunk is as large as all before it (1, 1, 2,
+# 4, ...). The trial stops once its verdict is certain (choose_lambda), so a λ that fails is
+# usually settled by its first image or two, and one that passes runs in few, large batches.
+TRIAL_CHUNK = 1
 
 
 def needs_scales(term: str) -> bool:
@@ -282,8 +283,8 @@ def choose_lambda(model, term: HFCTerm, images: torch.Tensor, targets: np.ndarra
 
     Cost: the largest λ is tried first (one trial when it passes); otherwise the grid is bisected,
     which assumes success does not fall as λ falls. The λ = 0 trial runs only when a λ falls
-    short of ``min_success``. A trial attacks the images ``chunk`` at a time and stops as soon as
-    its verdict is certain: once enough images have hit to reach the bar, or once so many have
+    short of ``min_success``. A trial attacks the images in chunks, the first of ``chunk`` images
+    and each next one as large as all before it, and stops as soon as its verdict is certain: once enough images have hit to reach the bar, or once so many have
     missed that it cannot. Images do not interact, so the verdict is the one the whole trial would
     give (for the methods with random draws, PGD's start and DI's transforms, a chunk's draws are
     another sample than a whole batch's); a term with per-image guides bound to the batch is tried
@@ -300,8 +301,8 @@ def choose_lambda(model, term: HFCTerm, images: torch.Tensor, targets: np.ndarra
     def attack_next(lam: float) -> None:
         done = outcomes.setdefault(lam, [])
         if not done:
-            print(f"  λ = {lam:.3g}: trial on up to {n} A_fit images, {chunk} at a time")
-        part = slice(len(done), min(n, len(done) + chunk))
+            print(f"  λ = {lam:.3g}: trial on up to {n} A_fit images")
+        part = slice(len(done), min(n, len(done) + max(chunk, len(done))))
         # A trial on real images takes minutes: its progress bar shows (and clears after).
         _, success = hfc_attack(model, term, images[part], np.asarray(targets)[part], spec, lam=lam,
                                 progress=True, stop_when_all_hit=True, **attack_kwargs)

@@ -80,9 +80,10 @@ def test_choose_lambda_takes_the_largest_that_succeeds(monkeypatch):
     # the largest λ first; the base attack (λ = 0) only once a λ falls short of 95%; then bisection
     # of the rest of the grid (0.01 fails, 0.001 passes) and the midpoint above the chosen value
     assert [t["lamda"] for t in trials] == [1, 0, 0.01, 0.001, pytest.approx(np.sqrt(1e-5))]
-    assert [t["fit_success"] for t in trials] == [0, 1, 0, 1, 0]
+    # a failing λ is settled by its first image; a passing one attacks all four
+    assert [(t["images"], t["fit_success"]) for t in trials] == [(1, None), (4, 1), (1, None), (4, 1), (1, None)]
     # when the midpoint succeeds it is taken
-    monkeypatch.setattr(hfc, "hfc_attack", lambda *a, lam, **k: (a[2], torch.full((4,), lam <= 0.005)))
+    monkeypatch.setattr(hfc, "hfc_attack", lambda *a, lam, **k: (a[2], torch.full((len(a[2]),), lam <= 0.005)))
     lam, _, _ = hfc.choose_lambda(None, None, torch.zeros(4, 3, 2, 2), np.zeros(4), None,
                                   grid=[0.01, 0.001], min_success=0.95)
     assert lam == pytest.approx(np.sqrt(1e-5))
@@ -148,6 +149,17 @@ def test_a_trial_stops_once_its_verdict_is_certain(monkeypatch):
     assert (trials[0]["images"], trials[0]["success_bounds"]) == (8, [0.3, 0.5])
 
 
+def test_trial_chunks_double_from_one_image(monkeypatch):
+    # by default a λ that fails on its first image costs one image; one that passes runs in
+    # chunks that double (1, 1, 2, 4, then the rest)
+    calls = []
+    monkeypatch.setattr(hfc, "hfc_attack", _attack_hitting(lambda lam: 1.0 if lam < 1 else 0.0, calls))
+    lam, trials, _ = hfc.choose_lambda(None, None, _indexed_images(N_TUNE), np.zeros(N_TUNE), None, grid=[1, 0.5],
+                                       min_success=0.95, refine=False)
+    assert lam == 0.5 and calls[0][:2] == (1, [0]) and trials[0]["images"] == 1
+    assert [c[1] for c in calls if c[0] == 0.5] == [[0], [1], [2, 3], [4, 5, 6, 7], [8, 9]]
+
+
 def test_a_term_with_per_image_guides_is_tried_in_one_chunk(monkeypatch):
     calls = []
 
@@ -169,7 +181,7 @@ def test_choose_lambda_stops_at_the_first_lambda_that_passes(monkeypatch):
     monkeypatch.setattr(hfc, "hfc_attack", fake_attack)
     lam, trials, rule = hfc.choose_lambda(None, None, torch.zeros(4, 3, 2, 2), np.zeros(4), None,
                                           grid=[1, 0.1], min_success=0.95)
-    assert lam == 1 and calls == [(1, True)] and "0.95" in rule
+    assert lam == 1 and set(calls) == {(1, True)} and "0.95" in rule
 
 
 def test_results_keys_of_other_settings_do_not_collide():
