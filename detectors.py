@@ -284,6 +284,17 @@ class LayerDetector(Detector):
         layer_scores = self.layer_scores(model, feats)
         return self.combine(layer_scores), layer_scores
 
+    def layer_weights(self) -> dict[str, float]:
+        """The combination's weight of each layer's z-scored score, by layer name ({} when the
+        layers are not combined by one logistic regression). A negative weight means that, other
+        layers equal, a *higher* (more adversarial-looking) score at that layer lowers the final
+        score: features pulled further towards the clean class than clean images are can then
+        raise the detector's score."""
+        logistic, layers = getattr(self, "logistic_", None), getattr(self, "layers_", None)
+        if logistic is None or layers is None or len(logistic.coef_) != len(layers):
+            return {}
+        return {self.layer_names_[layer]: float(w) for layer, w in zip(layers, logistic.coef_)}
+
 
 # --------------------------------------------------------------------------- KD
 def gaussian_kde_log_density(points: np.ndarray, samples: np.ndarray, bandwidth: float,

@@ -282,13 +282,17 @@ def choose_lambda(model, term: HFCTerm, images: torch.Tensor, targets: np.ndarra
     reaches the bar, the one with the best success is taken (ties: the larger).
 
     Cost: the largest λ is tried first (one trial when it passes); otherwise the grid is bisected,
-    which assumes success does not fall as λ falls. The λ = 0 trial runs only when a λ falls
-    short of ``min_success``. A trial attacks the images in chunks, the first of ``chunk`` images
-    and each next one as large as all before it, and stops as soon as its verdict is certain: once enough images have hit to reach the bar, or once so many have
-    missed that it cannot. Images do not interact, so the verdict is the one the whole trial would
-    give (for the methods with random draws, PGD's start and DI's transforms, a chunk's draws are
-    another sample than a whole batch's); a term with per-image guides bound to the batch is tried
-    in one chunk. Within a chunk an image stops being attacked at its first hit (final with
+    which assumes success does not fall as λ falls. By the same assumption the base attack reaches
+    ``min_success`` whenever a λ > 0 does, so the λ = 0 trial runs only when no λ of the grid
+    does (and the search is repeated at the base attack's success when that is lower).
+
+    A trial attacks the images in chunks, the first of ``chunk`` images and each next one as large
+    as all before it, and stops as soon as its verdict is certain: once enough images have hit to
+    reach the bar, or once so many have missed that it cannot. Images do not interact, so the
+    verdict is the one the whole trial would give, up to float rounding, which depends on the
+    batch's size and can flip an image that ends on the decision boundary; for the methods with
+    random draws (PGD's start, DI's transforms) a chunk's draws are another sample than a whole
+    batch's. A term with per-image guides bound to the batch is tried in one chunk. Within a chunk an image stops being attacked at its first hit (final with
     keep-successful). A trial's record gives the images it attacked, their hits and the bounds
     these put on its success over all the images (equal when it attacked them all).
     Returns λ, the trials and the rule in words."""
@@ -326,22 +330,18 @@ def choose_lambda(model, term: HFCTerm, images: torch.Tensor, targets: np.ndarra
         return sum(outcomes[lam]) / n
 
     need_min = int(np.ceil(min_success * n - 1e-9))
-    bar = {}  # "need": the hits the bar asks for, once the base attack's success has been looked at
+    bar = {}  # "need": the hits the bar asks for, once the base attack's success has been measured
 
     def passes(lam: float) -> bool:
         if reaches(lam, need_min):
             return True
-        if "need" not in bar:
-            bar["need"] = need_min if reaches(0.0, need_min) else round(success_of(0.0) * n)
-        return bar["need"] < need_min and reaches(lam, bar["need"])
+        return bar.get("need", need_min) < need_min and reaches(lam, bar["need"])
 
     def rule() -> str:
-        if "need" not in bar:
-            return f"largest λ of the grid with A_fit success ≥ {min_success:g}"
-        if bar["need"] < need_min:
+        if bar.get("need", need_min) < need_min:
             base = success_of(0.0)
             return f"largest λ of the grid with A_fit success ≥ min({min_success:g}, base {base:.3f}) = {base:.3f}"
-        return f"largest λ of the grid with A_fit success ≥ {min_success:.3f} (the base attack reaches it)"
+        return f"largest λ of the grid with A_fit success ≥ {min_success:g}"
 
     def records() -> list[dict]:
         rows = []
@@ -355,18 +355,28 @@ def choose_lambda(model, term: HFCTerm, images: torch.Tensor, targets: np.ndarra
         return rows
 
     ordered = [lam for lam in sorted(set(grid), reverse=True) if lam > 0]
-    chosen = None
-    if passes(ordered[0]):
-        chosen = 0
-    else:
-        # Bisect for the first passing index in ordered[1:] (ordered[0] failed).
-        low, high = 1, len(ordered) - 1
+
+    def search() -> int | None:
+        """The index in ``ordered`` of the largest λ that passes (largest first, then bisection)."""
+        if passes(ordered[0]):
+            return 0
+        chosen, low, high = None, 1, len(ordered) - 1
         while low <= high:
             middle = (low + high) // 2
             if passes(ordered[middle]):
                 chosen, high = middle, middle - 1
             else:
                 low = middle + 1
+        return chosen
+
+    chosen = search()
+    if chosen is None:
+        # No λ reaches min_success. (When one does, the base attack does too, by the assumption
+        # the bisection rests on, so it is not run.) The base attack's own success may set a
+        # lower bar: then search again, the trials going on from where they stopped.
+        bar["need"] = need_min if reaches(0.0, need_min) else round(success_of(0.0) * n)
+        if bar["need"] < need_min:
+            chosen = search()
     if chosen is None:
         # Rare (not even the smallest λ does as well as the base attack): the best success needs
         # every tried λ's trial completed.

@@ -151,6 +151,24 @@ def layer_rows(results: dict[str, Any], detector: str, label: str, layers: list[
     return lines
 
 
+def weight_rows(results: dict[str, Any], detector: str, label: str, layers: list[str], root: Path) -> list[list[str]]:
+    """The line of the fitted detector's combination weights (``LayerDetector.layer_weights``),
+    read from the detectors the results' record names (resolved against the runs' ``root``);
+    none when that detector does not combine its layers by one logistic regression or is gone."""
+    import detectors
+
+    summary = ((results.get("record") or {}).get("inputs") or {}).get("detectors", {}).get("path")
+    folder = None if summary is None else (root / summary).parent
+    if folder is None or not (folder / "detectors.json").is_file():
+        return []
+    weights = detectors.load_detectors(folder, [detector])[detector]
+    by_layer = weights.layer_weights() if isinstance(weights, detectors.LayerDetector) else {}
+    if not by_layer:
+        return []
+    return [[label, "combination weight (z-scored score)"]
+            + [f"{by_layer[layer]:+.2f}" if layer in by_layer else "-" for layer in layers] + [""]]
+
+
 def summary_rows(results: dict[str, Any], label: str, with_base: bool = True) -> list[list[str]]:
     """One line per row of ``results`` ("base" unless ``with_base`` is False, "hfc"): AUC per
     detector, mean AUC, success, λ."""
@@ -236,6 +254,8 @@ def main(argv=None) -> str:
         with_base = base_key not in bases_shown
         lines += (layer_rows(results, args.layers, label, layers, with_base) if args.layers is not None
                   else summary_rows(results, label, with_base=with_base))
+        if args.layers is not None and with_base:
+            lines += weight_rows(results, args.layers, label, layers, run_dir.parents[1])
         bases_shown.add(base_key)
     command = "python report.py " + " ".join(sys.argv[1:] if argv is None else argv)
     what = f"{args.layers}: AUC of each layer's score on A_eval" if args.layers is not None else "AUC on A_eval"
