@@ -39,7 +39,8 @@ MAX_SCALE_PASSES = 10
 BANKS = ("train", "val")
 
 
-def fitted_term(run_, model, layers: Sequence[int], device, batch_size: int, bank: str = "train") -> "ExemplarTerm":
+def fitted_term(run_, model, layers: Sequence[int], device, batch_size: int, bank: str = "train",
+                floor: float | None = None) -> "ExemplarTerm":
     """An exemplar term whose bank is the run's correctly classified images of one split part.
 
     ``bank="train"``: the training images; the scales are measured on the held-out clean images
@@ -47,7 +48,7 @@ def fitted_term(run_, model, layers: Sequence[int], device, batch_size: int, ban
     and from every detector's fit, so that the goal is as typical as a *test* image (training
     images are more typical than test images under anything fitted on them, MAHA's class means
     and KD's kernels included); the scales are then measured leaving each validation image out
-    of its own choice."""
+    of its own choice. ``floor``: see ``ExemplarTerm``."""
     if bank not in BANKS:
         raise ValueError(f"bank must be one of {BANKS}, got {bank!r}")
     val = features.part_features(run_, model, "val", device, batch_size)
@@ -56,7 +57,7 @@ def fitted_term(run_, model, layers: Sequence[int], device, batch_size: int, ban
         train = features.part_features(run_, model, "train", device, batch_size)
         correct = train.predictions == train.labels
         term = ExemplarTerm([None if p is None else p[correct] for p in train.pooled], train.labels[correct],
-                            layers, num_classes, device=device)
+                            layers, num_classes, device=device, floor=floor)
         term.fit_scales(*features.heldout_pooled(val.pooled, val.labels, num_classes, lambda: train))
         return term
     correct = val.predictions == val.labels
@@ -66,7 +67,7 @@ def fitted_term(run_, model, layers: Sequence[int], device, batch_size: int, ban
                         f"validation exemplars need at least {features.MIN_HELDOUT_PER_CLASS} of each "
                         f"(use the training exemplars)")
     pooled = [None if p is None else p[correct] for p in val.pooled]
-    term = ExemplarTerm(pooled, val.labels[correct], layers, num_classes, device=device)
+    term = ExemplarTerm(pooled, val.labels[correct], layers, num_classes, device=device, floor=floor)
     term.fit_scales(pooled, val.labels[correct], leave_out=np.arange(int(correct.sum())))
     return term
 
@@ -77,12 +78,19 @@ class ExemplarTerm(nn.Module):
     ``bank_pooled``: per layer (indices as ``forward_features`` returns them) the pooled features
     of the bank images (N×C; None for layers not kept); ``bank_labels`` their classes. ``layers``
     (attribute) are the layers the engine must compute. ``fit_scales`` must be called on held-out
-    clean features before the term is used.
+    clean features before the term is used. ``floor`` (None: off) hinges each layer, max(d_l −
+    floor, 0): with floor 1 a layer stops pulling once it is as close to its exemplar as the median
+    held-out clean image is to its own, so no layer is pulled to be more typical than clean images
+    while another still lags (the over-hiding that MAHA's combination of layers weighs against).
     """
 
     def __init__(self, bank_pooled: Sequence[np.ndarray | None], bank_labels: np.ndarray, layers: Sequence[int],
-                 num_classes: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+                 num_classes: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 floor: float | None = None):
         super().__init__()
+        if floor is not None and not floor >= 0:
+            raise ValueError(f"floor must be non-negative, got {floor}")
+        self.floor = None if floor is None else float(floor)
         self.layers = [int(i) for i in layers]
         if not self.layers:
             raise UserError("the exemplar term needs at least one layer")
@@ -172,7 +180,11 @@ class ExemplarTerm(nn.Module):
     def forward(self, logits: torch.Tensor, features: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         if not self.fitted:
             raise RuntimeError("ExemplarTerm needs fit_scales(pooled, labels) on held-out clean images first")
-        return self.layer_values(features, targets).mean(1).mean()
+        values = self.layer_values(features, targets)
+        if self.floor is not None:
+            values = (values - self.floor).clamp_min(0.0)
+        return values.mean(1).mean()
 
     def describe(self) -> str:
-        return f"distance to the nearest clean exemplar over {len(self.layers)} layers (normalised, averaged)"
+        hinge = "" if self.floor is None else f", each hinged at {self.floor:g}"
+        return f"distance to the nearest clean exemplar over {len(self.layers)} layers (normalised{hinge}, averaged)"

@@ -41,8 +41,10 @@ import utils
 DEFAULT_TERM = "paper"
 TYPICAL_TERM = "typical"  # typical_set.TypicalSetTerm in its normalised form, τ from the validation images
 EXEMPLAR_TERM = "exemplar"  # exemplar.ExemplarTerm: the nearest correctly classified training image of the target
-TERM_CHOICES = (*hfc.TERMS, TYPICAL_TERM, EXEMPLAR_TERM)
-OWN_SCALE_TERMS = (TYPICAL_TERM, EXEMPLAR_TERM)  # forms that measure their own scales on the validation images
+EXEMPLAR_HINGED_TERM = "exemplar-hinged"  # the same, each layer hinged at the median clean image's level
+EXEMPLAR_TERMS = {EXEMPLAR_TERM: None, EXEMPLAR_HINGED_TERM: 1.0}  # form → the hinge's floor
+TERM_CHOICES = (*hfc.TERMS, TYPICAL_TERM, *EXEMPLAR_TERMS)
+OWN_SCALE_TERMS = (TYPICAL_TERM, *EXEMPLAR_TERMS)  # forms that measure their own scales on the validation images
 DEFAULT_CLASS_LOSS = "base"
 DEFAULT_KAPPA = 0.0
 
@@ -114,12 +116,13 @@ class Config(TermAttackConfig):
                                        "averaged over layers; typical_set.py) or exemplar (every layer pulled "
                                        "towards one real training image of the target class, the nearest over "
                                        "all layers, normalised, averaged over every hierarchical layer, "
-                                       "wide ones included; exemplar.py)",
+                                       "wide ones included; exemplar.py) or exemplar-hinged (the same, each "
+                                       "layer max(term − 1, 0))",
                          choices=TERM_CHOICES)
     class_loss: str = cli.flag(DEFAULT_CLASS_LOSS, "classification loss beside the term: base (the method's own: "
                                "CE, or CW's margin) or margin (max_j≠t z_j − z_t clamped at −κ: once the target "
                                "leads by κ only the term acts)", choices=hfc.CLASS_LOSSES)
-    exemplars: str = cli.flag("train", "with --term exemplar, the images its goals are drawn from: train (the "
+    exemplars: str = cli.flag("train", "with --term exemplar(-hinged), the images its goals are drawn from: train (the "
                               "correctly classified training images) or val (the validation images, held out "
                               "from the model and the detectors: as typical as a test image)",
                               choices=exemplar.BANKS)
@@ -165,15 +168,16 @@ def make_term(form: str, run_: runs.Run, model, mixtures: gmm.Mixtures, device, 
     needs no covariance, so no channel cap: the stage outputs the detectors read are kept)."""
     if form == TYPICAL_TERM:
         return typical_set.fitted_term(run_, model, mixtures, device, batch_size, normalise=True)
-    if form == EXEMPLAR_TERM:
-        return exemplar.fitted_term(run_, model, model.conv_layers, device, batch_size, bank=exemplars)
+    if form in EXEMPLAR_TERMS:
+        return exemplar.fitted_term(run_, model, model.conv_layers, device, batch_size, bank=exemplars,
+                                    floor=EXEMPLAR_TERMS[form])
     return hfc.HFCTerm(mixtures, device=device, **hfc.TERMS[form])
 
 
 def run(config: Config) -> dict:
     """Choose λ (when asked) on A_fit, attack A_eval with HFC, score both rows; returns results.json."""
-    if config.exemplars != "train" and config.term != EXEMPLAR_TERM:
-        raise utils.UserError("--exemplars applies to --term exemplar only")
+    if config.exemplars != "train" and config.term not in EXEMPLAR_TERMS:
+        raise utils.UserError("--exemplars applies to --term exemplar or exemplar-hinged only")
     spec = attacks.parse_attack(config.attack)
     if spec.method == "Noise":
         raise utils.UserError(f"--attack must be an attack, not the noise set {spec.name}")

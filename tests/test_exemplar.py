@@ -97,3 +97,27 @@ def test_exemplar_scales_leave_each_bank_image_out_of_its_own_choice():
     assert (labels[chosen.numpy()] == labels).all()
     # without leave-out every image chooses itself and the scale collapses to the floor
     assert (term.fit_scales(pooled, labels) <= exemplar.SCALE_FLOOR).all()
+
+
+def test_hinged_exemplar_term_stops_pulling_a_layer_at_the_clean_level():
+    """With floor 1 each layer contributes max(d_l − 1, 0): zero (and no gradient) for a layer
+    already as close to its exemplar as the median held-out clean image, d_l − 1 otherwise."""
+    pooled, labels = _bank()
+    hinged = exemplar.ExemplarTerm(pooled, labels, [0, 2], 2, dtype=torch.float64, floor=1.0)
+    plain = exemplar.ExemplarTerm(pooled, labels, [0, 2], 2, dtype=torch.float64)
+    for term in (hinged, plain):
+        term.fit_scales(*_held_out())
+    probe_pooled, probe_labels = _held_out(seed=5)
+    probe = [None if p is None else torch.tensor(p, requires_grad=True) for p in probe_pooled]
+    targets = torch.as_tensor(probe_labels)
+    values = plain.layer_values(probe, targets).detach()
+    assert (values < 1).any() and (values > 1).any()  # the probe has layers on both sides of the hinge
+    value = hinged(None, probe, targets)
+    assert float(value) == pytest.approx(float((values - 1).clamp_min(0).mean()))
+    value.backward()
+    below = (values < 1).numpy()
+    for column, layer in enumerate((0, 2)):
+        grad = probe[layer].grad.abs().sum(1).numpy()
+        assert (grad[below[:, column]] == 0).all() and (grad[~below[:, column]] > 0).all()
+    with pytest.raises(ValueError, match="floor"):
+        exemplar.ExemplarTerm(pooled, labels, [0, 2], 2, floor=-1.0)

@@ -455,7 +455,7 @@ def test_gmm_attack_exemplar_term_pulls_towards_clean_images_of_the_target(pipel
     monkeypatch.chdir(pipeline)
     common = ["-a", "resnet18", "--dataset", "synthetic", "--device", "cpu", "-y", "2", "--attack", ATTACK,
               "--class-loss", "margin", "--limit", "12"]
-    with pytest.raises(UserError, match="--exemplars applies to --term exemplar only"):
+    with pytest.raises(UserError, match="--exemplars applies to --term exemplar or exemplar-hinged only"):
         gmm_attack.main(common + ["--exemplars", "val", "--lamda", "1"])
     pulled = gmm_attack.main(common + ["--term", "exemplar", "--lamda", "1"])
     control = gmm_attack.main(common + ["--lamda", "0"])
