@@ -113,7 +113,7 @@ def test_hinged_exemplar_term_stops_pulling_a_layer_at_the_clean_level():
     values = plain.layer_values(probe, targets).detach()
     assert (values < 1).any() and (values > 1).any()  # the probe has layers on both sides of the hinge
     value = hinged(None, probe, targets)
-    assert float(value) == pytest.approx(float((values - 1).clamp_min(0).mean()))
+    assert float(value.detach()) == pytest.approx(float((values - 1).clamp_min(0).mean()))
     value.backward()
     below = (values < 1).numpy()
     for column, layer in enumerate((0, 2)):
