@@ -292,9 +292,10 @@ def choose_lambda(model, term: HFCTerm, images: torch.Tensor, targets: np.ndarra
     verdict is the one the whole trial would give, up to float rounding, which depends on the
     batch's size and can flip an image that ends on the decision boundary; for the methods with
     random draws (PGD's start, DI's transforms) a chunk's draws are another sample than a whole
-    batch's. A term with per-image guides bound to the batch is tried in one chunk. Within a chunk an image stops being attacked at its first hit (final with
-    keep-successful). A trial's record gives the images it attacked, their hits and the bounds
-    these put on its success over all the images (equal when it attacked them all).
+    batch's. A term with per-image guides bound to the batch is tried in one chunk. Within a
+    chunk an image stops being attacked at its first hit (final with keep-successful). A trial's
+    record gives the images it attacked, their hits and the bounds these put on its success over
+    all the images (equal when it attacked them all).
     Returns λ, the trials and the rule in words."""
     n = len(images)
     if getattr(term, "per_image", False):

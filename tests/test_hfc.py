@@ -227,8 +227,8 @@ def test_lambda_zero_is_the_base_attack_and_lambda_pulls_features_in(pipeline):
 
 
 def test_fast_lambda_search_picks_what_trying_every_lambda_in_full_picks(pipeline):
-    """The λ search (largest first, bisection, each trial stopped once every image has hit) on a real
-    tiny model gives the λ of the plain rule: every grid value attacked for all its steps, the
+    """The λ search (largest first, bisection, each trial stopped once its verdict is certain) on a
+    real tiny model gives the λ of the plain rule: every grid value attacked for all its steps, the
     largest whose success reaches the bar taken."""
     run, model, mixtures, clean, targets, base = _eval_images(pipeline, n=12)
     spec = attacks.parse_attack(ATTACK)
