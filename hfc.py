@@ -383,7 +383,9 @@ def choose_lambda(model, term: HFCTerm, images: torch.Tensor, targets: np.ndarra
         # every tried λ's trial completed.
         tried = [lam for lam in outcomes if lam > 0]
         best = max(tried, key=lambda lam: (success_of(lam), lam))
-        level = min(min_success, success_of(0.0))
+        # The bar: min_success when the base attack reached it (its trial stopped there), else
+        # the base attack's own success (its trial already complete).
+        level = min_success if bar["need"] == need_min else success_of(0.0)
         print(f"  no λ reached {level:.3f}; taking λ = {best:.3g} (the best success)")
         return best, records(), f"no λ reached {level:.3f}: the λ with the best A_fit success"
     lam = ordered[chosen]

@@ -125,6 +125,18 @@ def test_choose_lambda_bar_is_the_base_attacks_own_success(monkeypatch):
     assert {t["lamda"]: t["fit_success"] for t in trials if t["lamda"] > 0} == {1: 0.5, 0.1: 0.7, 0.01: 0.7}
 
 
+def test_when_no_lambda_reaches_a_bar_the_base_attack_reaches_its_trial_is_not_completed(monkeypatch):
+    # bar 0.5: the base attack (all hit) reaches it after 8 of the 10 images; every λ hits 3 of 10,
+    # so the best λ is taken, and the base trial is not run on to the end to state the bar
+    images = _indexed_images(N_TUNE)
+    monkeypatch.setattr(hfc, "hfc_attack", _attack_hitting(lambda lam: 1.0 if lam == 0 else 0.3))
+    lam, trials, rule = hfc.choose_lambda(None, None, images, np.zeros(N_TUNE), None, grid=[1, 0.1],
+                                          min_success=0.5, refine=False)
+    assert lam == 1 and "no λ reached 0.500" in rule
+    base = [t for t in trials if t["lamda"] == 0]
+    assert len(base) == 1 and base[0]["images"] < N_TUNE and base[0]["hits"] >= 5
+
+
 def test_a_trial_stops_once_its_verdict_is_certain(monkeypatch):
     # 10 images in chunks of 4, bar 0.95 (all 10 must hit): λ = 1 (3 hits) fails on its first chunk,
     # λ = 0.1 (all hit) needs all 10. Each record bounds the full success, and the verdicts are
