@@ -9,6 +9,8 @@ returning the latest successful iterate, and a different ``extra`` term (``adapt
   computed here by the same functions;
 - ``random_guide`` (Sabour et al.), ``KD_constrained`` (Carlini & Wagner), ``LID_constrained``,
   ``MAHA_constrained``: terms built from the fitted detectors of the run;
+- ``KD_constrained_stages``, ``KD_constrained_all`` (only when asked for): the KD-constrained term
+  summed over the stage-end taps, or over every tap, each with the score layer;
 - ``OPGD_MAHA``, ``OPGD_KD``, ``OPGD_DNN``: orthogonal PGD (Bryniarski et al., ICLR 2022) against
   that one fitted detector's differentiable score (``opgd.py``), no λ (recorded as null); its
   TNR@90 threshold is set on A_fit's benign samples, and ``--opgd-rule`` says which images take a
@@ -55,9 +57,13 @@ import runs
 import saver
 import utils
 
-ROWS = ("base", "base_same_schedule", "HFC", "random_guide", "KD_constrained", "LID_constrained",
-        "MAHA_constrained", "OPGD_MAHA", "OPGD_KD", "OPGD_DNN")
-TERM_ROWS = ("random_guide", "KD_constrained", "LID_constrained", "MAHA_constrained")
+DEFAULT_ROWS = ("base", "base_same_schedule", "HFC", "random_guide", "KD_constrained", "LID_constrained",
+                "MAHA_constrained", "OPGD_MAHA", "OPGD_KD", "OPGD_DNN")
+# Asked for by name only: the KD-constrained term on more layers than the detector scores, to see
+# whether constraining the hierarchy helps a kernel density as the papers say it helps a mixture.
+KD_LAYER_ROWS = {"KD_constrained_stages": "stages", "KD_constrained_all": "all"}
+ROWS = DEFAULT_ROWS + tuple(KD_LAYER_ROWS)
+TERM_ROWS = ("random_guide", "KD_constrained", "LID_constrained", "MAHA_constrained", *KD_LAYER_ROWS)
 OPGD_ROWS = {"OPGD_MAHA": "MAHA", "OPGD_KD": "KD", "OPGD_DNN": "DNN"}  # row -> the detector it attacks
 COMPARE_FILE = "compare.json"
 ROW_FILE = "row.json"
@@ -76,7 +82,9 @@ def rows_value(text: str) -> str | None:
 class Config(gmm_attack.TermAttackConfig):
     lamda: str = cli.flag("auto", "λ of every term row, or 'auto': each row's own, chosen on A_fit by HFC's rule",
                           check=gmm_attack.lamda_value)
-    rows: str = cli.flag(",".join(ROWS), "comma list of rows to compute or reuse", check=rows_value)
+    rows: str = cli.flag(",".join(DEFAULT_ROWS), "comma list of rows to compute or reuse (also known: "
+                         f"{', '.join(KD_LAYER_ROWS)}: the KD-constrained term on the stage-end taps or on "
+                         "every tap)", check=rows_value)
     step_size: float | None = cli.flag(None, "step α in units of 1/256 (default: HFC's, hfc.hfc_schedule)",
                                        check=cli.positive)
     steps: int | None = cli.flag(None, "number of steps T (default: 2ε/α)", check=cli.at_least(1))
@@ -211,6 +219,11 @@ class _Stage:
                                         num_classes=self.model.num_classes, **where)
         elif row == "KD_constrained":
             term = adaptive.KDConstrained(self.fitted["KD"], **where)
+        elif row in KD_LAYER_ROWS:
+            kd = self.fitted["KD"]
+            layers = detectors.resolve_layers(KD_LAYER_ROWS[row], self.model, len(self.model.layer_names),
+                                              conv_only=True)
+            term = adaptive.KDConstrained(kd, layers=sorted(set(layers) | {kd.score_layer_}), **where)
         elif row == "LID_constrained":
             term = adaptive.LIDConstrained(self.fitted["LID"], num_classes=self.model.num_classes, **where)
         elif row == "MAHA_constrained":

@@ -23,6 +23,7 @@ import compare
 import detectors
 import gmm_attack
 import hfc
+import network
 from features import FeatureSet
 from utils import UserError
 
@@ -194,7 +195,7 @@ def test_compare_stage_on_the_tiny_run(pipeline, monkeypatch):  # noqa: F811
     assert {"dataset", "arch", "attack", "epsilon_256", "step_size_256", "steps", "n_eval", "rows"} <= set(result)
     assert result["attack"] == ATTACK and result["epsilon_256"] == 4.0 and result["n_eval"] == 6
     assert (result["step_size_256"], result["steps"]) == hfc.hfc_schedule("synthetic", "resnet18", 4.0)
-    assert list(result["rows"]) == list(compare.ROWS)
+    assert list(result["rows"]) == list(compare.DEFAULT_ROWS)
     folder = pipeline / "runs_synthetic" / "resnet18" / ATTACK / "compare"
     base_index = None
     for name, row in result["rows"].items():
@@ -216,7 +217,7 @@ def test_compare_stage_on_the_tiny_run(pipeline, monkeypatch):  # noqa: F811
         assert np.array_equal(ae["index"], base_index) and len(ae["index"]) == 6
     rows = result["rows"]
     assert rows["base_same_schedule"]["lamda"] == 0.0 and rows["base"]["lamda"] == 0.0
-    for name in compare.TERM_ROWS:
+    for name in [r for r in compare.TERM_ROWS if r in compare.DEFAULT_ROWS]:
         assert rows[name]["lamda"] in [t["lamda"] for t in rows[name]["lamda_trials"]], name  # chosen on A_fit
     # the HFC row is gmm_attack.py's, reused
     assert rows["HFC"]["source"].endswith("hfc_M2_lamauto") and rows["HFC"]["lamda"] == hfc_results["lamda"]
@@ -248,8 +249,14 @@ def test_compare_stage_on_the_tiny_run(pipeline, monkeypatch):  # noqa: F811
     # gmm_attack.py folder, so it is computed here by the same functions, and gives what
     # gmm_attack.py gives; the random guide is attacked batch by batch with its guides bound.
     settings = ["--lamda", "0.01", "-b", "4", "--term", "normalised"]
-    other = compare.main(COMMON + settings + ["--rows", "HFC,random_guide,base"])
-    assert list(other["rows"]) == ["base", "HFC", "random_guide"]
+    other = compare.main(COMMON + settings + ["--rows", "HFC,random_guide,base,KD_constrained_stages"])
+    assert list(other["rows"]) == ["base", "HFC", "random_guide", "KD_constrained_stages"]
+    # the KD term on the stage ends: the detector's score layer and the stage-end taps, nothing else
+    model = network.build_model("resnet18", num_classes=2)
+    kept = sorted(set(model.stage_end_layers) | {len(model.layer_names) - 1})  # KD's score layer: the last
+    stage_names = [model.layer_names[i] for i in kept]
+    assert other["rows"]["KD_constrained_stages"]["layers"] == stage_names
+    assert 0.0 <= other["rows"]["KD_constrained_stages"]["success"] <= 1.0
     assert other["rows"]["HFC"]["source"] == "computed" and other["rows"]["HFC"]["lamda"] == 0.01
     assert other["rows"]["random_guide"]["lamda"] == 0.01 and other["rows"]["base"] == saved["rows"]["base"]
     same = gmm_attack.main(COMMON + settings)
