@@ -10,7 +10,8 @@ returning the latest successful iterate, and a different ``extra`` term (``adapt
 - ``random_guide`` (Sabour et al.), ``KD_constrained`` (Carlini & Wagner), ``LID_constrained``,
   ``MAHA_constrained``: terms built from the fitted detectors of the run;
 - ``KD_constrained_stages``, ``KD_constrained_all`` (only when asked for): the KD-constrained term
-  summed over the stage-end taps, or over every tap, each with the score layer;
+  summed over the stage-end taps, or over every conv tap (KD's score layer added unless it is a copy
+  of the last stage end's pooled map);
 - ``OPGD_MAHA``, ``OPGD_KD``, ``OPGD_DNN``: orthogonal PGD (Bryniarski et al., ICLR 2022) against
   that one fitted detector's differentiable score (``opgd.py``), no λ (recorded as null); its
   TNR@90 threshold is set on A_fit's benign samples, and ``--opgd-rule`` says which images take a
@@ -84,7 +85,7 @@ class Config(gmm_attack.TermAttackConfig):
                           check=gmm_attack.lamda_value)
     rows: str = cli.flag(",".join(DEFAULT_ROWS), "comma list of rows to compute or reuse (also known: "
                          f"{', '.join(KD_LAYER_ROWS)}: the KD-constrained term on the stage-end taps or on "
-                         "every tap)", check=rows_value)
+                         "every conv tap)", check=rows_value)
     step_size: float | None = cli.flag(None, "step α in units of 1/256 (default: HFC's, hfc.hfc_schedule)",
                                        check=cli.positive)
     steps: int | None = cli.flag(None, "number of steps T (default: 2ε/α)", check=cli.at_least(1))
@@ -223,7 +224,9 @@ class _Stage:
             kd = self.fitted["KD"]
             layers = detectors.resolve_layers(KD_LAYER_ROWS[row], self.model, len(self.model.layer_names),
                                               conv_only=True)
-            term = adaptive.KDConstrained(kd, layers=sorted(set(layers) | {kd.score_layer_}), **where)
+            if kd.score_layer_ not in self.model.pooled_copy_layers:  # a copy would count the last stage twice
+                layers = sorted(set(layers) | {kd.score_layer_})
+            term = adaptive.KDConstrained(kd, layers=layers, **where)
         elif row == "LID_constrained":
             term = adaptive.LIDConstrained(self.fitted["LID"], num_classes=self.model.num_classes, **where)
         elif row == "MAHA_constrained":

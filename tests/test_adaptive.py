@@ -253,7 +253,9 @@ def test_compare_stage_on_the_tiny_run(pipeline, monkeypatch):  # noqa: F811
     assert list(other["rows"]) == ["base", "HFC", "random_guide", "KD_constrained_stages"]
     # the KD term on the stage ends: the detector's score layer and the stage-end taps, nothing else
     model = network.build_model("resnet18", num_classes=2)
-    kept = sorted(set(model.stage_end_layers) | {len(model.layer_names) - 1})  # KD's score layer: the last
+    score_layer = len(model.layer_names) - 1  # KD's: the last, here a copy of the last stage end's pooled map
+    assert score_layer in model.pooled_copy_layers
+    kept = list(model.stage_end_layers)
     stage_names = [model.layer_names[i] for i in kept]
     assert other["rows"]["KD_constrained_stages"]["layers"] == stage_names
     assert 0.0 <= other["rows"]["KD_constrained_stages"]["success"] <= 1.0
