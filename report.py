@@ -161,8 +161,8 @@ def weight_rows(results: dict[str, Any], detector: str, label: str, layers: list
     folder = None if summary is None else (root / summary).parent
     if folder is None or not (folder / "detectors.json").is_file():
         return []
-    weights = detectors.load_detectors(folder, [detector])[detector]
-    by_layer = weights.layer_weights() if isinstance(weights, detectors.LayerDetector) else {}
+    fitted = detectors.load_detectors(folder, [detector])[detector]
+    by_layer = fitted.layer_weights() if isinstance(fitted, detectors.LayerDetector) else {}
     if not by_layer:
         return []
     return [[label, "combination weight (z-scored score)"]
