@@ -128,13 +128,16 @@ class Config(TermAttackConfig):
                               choices=exemplar.BANKS)
     kappa: float | None = cli.flag(None, f"the margin's κ (default: {DEFAULT_KAPPA} for --class-loss margin; "
                                          "CW's own otherwise)", check=cli.non_negative)
+    hfc_layers: str = cli.flag("all", "the layers the term constrains (paper, normalised and hinged forms): all (every "
+                               "layer with a mixture, the paper's), last-stage (those in the network's deepest "
+                               "stage), last (the deepest one) or a comma list of tap names")
     limit: int | None = cli.flag(None, "attack only the first N images of A_eval", check=cli.at_least(2))
     batch_size: int = cli.flag(32, "attack batch size", short="-b", check=cli.at_least(1))
 
     def results_dir(self, run: runs.Run) -> Path:
         """``<ATTACK>/hfc_<key>``: M and λ as asked, plus every key setting that differs from its default."""
-        variant = {short: getattr(self, name) for name, short in VARIANT_FIELDS.items()
-                   if getattr(self, name) != getattr(Config, name)}
+        variant = {short: str(getattr(self, name)).replace(",", "+") if name == "hfc_layers" else getattr(self, name)
+                   for name, short in VARIANT_FIELDS.items() if getattr(self, name) != getattr(Config, name)}
         if self.detector == self.attack:
             variant.pop("det", None)
         return run.hfc_dir(attacks.parse_attack(self.attack).name,
@@ -146,7 +149,7 @@ class Config(TermAttackConfig):
 
 # The settings that change the HFC AEs or their scoring, by the short name they add to the folder.
 VARIANT_FIELDS = {"step_size": "a", "steps": "T", "last_iterate": "last", "detector": "det", "term": "term",
-                  "class_loss": "loss", "kappa": "kappa", "exemplars": "ex"}
+                  "class_loss": "loss", "kappa": "kappa", "exemplars": "ex", "hfc_layers": "layers"}
 
 
 def main(argv=None) -> dict:
@@ -162,16 +165,20 @@ def stage_inputs(run_: runs.Run, attack: str, detector_attack: str, noise: str, 
 
 
 def make_term(form: str, run_: runs.Run, model, mixtures: gmm.Mixtures, device, batch_size: int,
-              exemplars: str = "train"):
-    """The HFC term of ``--term``: an ``hfc.HFCTerm`` in one of its forms, the typical-set term with
-    τ measured on the run's validation images, or the exemplar term on every hierarchical layer (it
-    needs no covariance, so no channel cap: the stage outputs the detectors read are kept)."""
+              exemplars: str = "train", layers: str = "all"):
+    """The HFC term of ``--term``: an ``hfc.HFCTerm`` in one of its forms on the layers of
+    ``--hfc-layers``, the typical-set term with τ measured on the run's validation images, or the
+    exemplar term on every hierarchical layer (it needs no covariance, so no channel cap: the stage
+    outputs the detectors read are kept)."""
+    if layers != "all" and form not in hfc.TERMS:
+        raise utils.UserError(f"--hfc-layers applies to the {', '.join(hfc.TERMS)} forms of the term, not {form}")
     if form == TYPICAL_TERM:
         return typical_set.fitted_term(run_, model, mixtures, device, batch_size, normalise=True)
     if form in EXEMPLAR_TERMS:
         return exemplar.fitted_term(run_, model, model.conv_layers, device, batch_size, bank=exemplars,
                                     floor=EXEMPLAR_TERMS[form])
-    return hfc.HFCTerm(mixtures, device=device, **hfc.TERMS[form])
+    return hfc.HFCTerm(mixtures, layers=hfc.resolve_term_layers(layers, model, mixtures.layers), device=device,
+                       **hfc.TERMS[form])
 
 
 def run(config: Config) -> dict:
@@ -192,7 +199,9 @@ def run(config: Config) -> dict:
     fitted = evaluation.load_fresh_detectors(run_, detector_attack)
     mixtures = evaluation.load_fresh_mixtures(run_, config.num_component,
                                               need_scales=config.term not in OWN_SCALE_TERMS and hfc.needs_scales(config.term))
-    term = make_term(config.term, run_, model, mixtures, device, config.batch_size, config.exemplars)
+    term = make_term(config.term, run_, model, mixtures, device, config.batch_size, config.exemplars,
+                     config.hfc_layers)
+    term_layers = [model.layer_names[i] for i in term.layers] if isinstance(term, hfc.HFCTerm) else None
     step_256, steps = hfc.hfc_schedule(run_.dataset, config.arch, spec.eps_256, config.step_size, config.steps)
     base = sets["base"]
     eval_pos = sets["eval"][:config.limit] if config.limit else sets["eval"]
@@ -220,7 +229,7 @@ def run(config: Config) -> dict:
     meta = {"attack": spec.name, "hfc": True, "dataset": run_.dataset, "arch": config.arch,
             "num_component": config.num_component, "lamda": lam, "step_size_256": step_256, "steps": steps,
             "keep_successful": not config.last_iterate, "term": config.term, "class_loss": config.class_loss,
-            "kappa": config.kappa_value(), "seed": config.seed, "images_of": "A_eval"}
+            "kappa": config.kappa_value(), "term_layers": term_layers, "seed": config.seed, "images_of": "A_eval"}
 
     timer = time.perf_counter()
     rows = {"base": (base["adv"][eval_pos], base["success"][eval_pos]), "hfc": (adv.numpy(), success.numpy())}
@@ -235,7 +244,8 @@ def run(config: Config) -> dict:
         **scored.summary_fields(), lamda=lam, lamda_rule=lamda_rule, lamda_trials=trials,
         num_component=config.num_component,
         step_size_256=step_256, steps=steps, keep_successful=not config.last_iterate, term=config.term,
-        class_loss=config.class_loss, kappa=config.kappa_value(), mixture_log_likelihood=loglik,
+        class_loss=config.class_loss, kappa=config.kappa_value(), term_layers=term_layers,
+        mixture_log_likelihood=loglik,
         seconds={"choose_lamda": tune_seconds, "attack": attack_seconds,
                  "attack_per_image": attack_seconds / len(eval_pos), "score": score_seconds},
         # The process's CPU time: on a CPU it does not grow when other jobs share the cores, so

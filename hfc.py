@@ -37,6 +37,42 @@ DEFAULT_MIN_SUCCESS = 0.95
 TRIAL_CHUNK = 1
 
 
+# The layer sets of ``--hfc-layers`` besides a comma list of tap names: every layer with a
+# mixture (the paper's), the mixtures' layers in the network's deepest stage, or the deepest one.
+LAYER_CHOICES = ("all", "last-stage", "last")
+
+
+def resolve_term_layers(spec: str, model, mixture_layers: Sequence[int]) -> list[int]:
+    """``--hfc-layers`` -> sorted indices of the taps the term constrains, all of them mixture layers.
+
+    ``last-stage``: the mixture layers after the second-to-last stage end (``model.stage_end_layers``),
+    i.e. inside the deepest stage; ``last``: the deepest mixture layer; otherwise tap names."""
+    fitted = sorted(mixture_layers)
+    if spec == "all":
+        return fitted
+    if spec == "last":
+        return fitted[-1:]
+    if spec == "last-stage":
+        ends = list(getattr(model, "stage_end_layers", []))
+        start = ends[-2] if len(ends) >= 2 else -1
+        chosen = [i for i in fitted if i > start]
+        if not chosen:
+            raise UserError(f"--hfc-layers last-stage: no mixture layer lies in the deepest stage (after "
+                            f"{model.layer_names[start]}); fit them with a larger get_GMM.py --max-channels")
+        return chosen
+    names = [part.strip() for part in spec.split(",") if part.strip()]
+    index = {name: i for i, name in enumerate(model.layer_names)}
+    unknown = [n for n in names if n not in index]
+    if unknown or not names:
+        raise UserError(f"--hfc-layers {spec!r}: expected {', '.join(LAYER_CHOICES)} or a comma list of tap "
+                        f"names; unknown: {', '.join(unknown) or '(none given)'}")
+    missing = [n for n in names if index[n] not in fitted]
+    if missing:
+        raise UserError(f"--hfc-layers: no mixtures for {', '.join(missing)}; fitted: "
+                        + ", ".join(model.layer_names[i] for i in fitted))
+    return sorted({index[n] for n in names})
+
+
 def needs_scales(term: str) -> bool:
     """Whether the term form ``term`` (a key of TERMS) divides by the mixtures' held-out scales."""
     return TERMS[term]["normalise"]

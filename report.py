@@ -193,6 +193,9 @@ def _hfc_label(results: dict[str, Any]) -> str:
     parts = [f"HFC ({settings.get('term', results.get('term', 'paper'))}"]
     if settings.get("exemplars", "train") != "train":
         parts.append(f" of {settings['exemplars']}")
+    if settings.get("hfc_layers", "all") != "all":
+        layers = results.get("term_layers") or []
+        parts.append(f" on {settings['hfc_layers']}" + (f" ({len(layers)} taps)" if len(layers) > 1 else ""))
     if settings.get("class_loss", "base") != "base":
         parts.append(f", {settings['class_loss']} κ {results.get('kappa')}")
     return "".join(parts) + f", λ {settings.get('lamda', results.get('lamda'))})"

@@ -484,3 +484,49 @@ def test_gmm_attack_exemplar_term_pulls_towards_clean_images_of_the_target(pipel
     print(f"per-layer distance to the nearest exemplar / clean scale: exemplar {distance['exemplar']:.3g}, "
           f"control {distance['control']:.3g}")
     assert distance["exemplar"] < 0.8 * distance["control"], distance
+
+
+def test_term_layer_choices_resolve_to_mixture_layers(pipeline):
+    """--hfc-layers: all is the mixtures' layers, last the deepest of them, last-stage those after the
+    second-to-last stage end; names resolve to their taps, and a tap without a mixture is refused."""
+    _, model, mixtures, *_ = _eval_images(pipeline, n=2)
+    fitted = sorted(mixtures.layers)
+    assert hfc.resolve_term_layers("all", model, mixtures.layers) == fitted
+    assert hfc.resolve_term_layers("last", model, mixtures.layers) == fitted[-1:]
+    deepest = hfc.resolve_term_layers("last-stage", model, mixtures.layers)
+    assert deepest and all(i > model.stage_end_layers[-2] for i in deepest)
+    assert set(fitted) - set(deepest) and all(i <= model.stage_end_layers[-2] for i in set(fitted) - set(deepest))
+    names = ",".join(model.layer_names[i] for i in (fitted[2], fitted[0]))
+    assert hfc.resolve_term_layers(names, model, mixtures.layers) == [fitted[0], fitted[2]]
+    with pytest.raises(UserError, match="unknown: nope"):
+        hfc.resolve_term_layers("nope", model, mixtures.layers)
+    unfitted = [name for i, name in enumerate(model.layer_names) if i not in fitted]
+    with pytest.raises(UserError, match="no mixtures for"):
+        hfc.resolve_term_layers(unfitted[-1], model, mixtures.layers)
+
+
+def test_gmm_attack_on_the_deepest_stage_constrains_only_those_layers(pipeline, monkeypatch):
+    """--hfc-layers last-stage: the term acts on the deepest stage's mixture layers only. Against the
+    λ = 0 control (the same schedule and images) the AEs' term falls on those layers, the folder and the
+    results name the layers, and the forms without mixtures refuse the flag."""
+    monkeypatch.chdir(pipeline)
+    common = ["-a", "resnet18", "--dataset", "synthetic", "--device", "cpu", "-y", "2", "--attack", ATTACK,
+              "--limit", "12"]
+    with pytest.raises(UserError, match="--hfc-layers applies to"):
+        gmm_attack.main(common + ["--term", "typical", "--hfc-layers", "last-stage", "--lamda", "1"])
+    deep = gmm_attack.main(common + ["--hfc-layers", "last-stage", "--lamda", "1"])
+    control = gmm_attack.main(common + ["--lamda", "0"])
+    run_ = runs.Run("synthetic", "resnet18")
+    model, _ = saver.load_model(run_.checkpoint, "cpu")
+    mixtures = gmm.load_mixtures(run_.mixtures_dir(2))
+    chosen = hfc.resolve_term_layers("last-stage", model, mixtures.layers)
+    assert deep["term_layers"] == [model.layer_names[i] for i in chosen]
+    assert deep["record"]["settings"]["hfc_layers"] == "last-stage"
+    assert report.summary_rows(deep, "run", with_base=False)[0][1].startswith("HFC (paper on last-stage")
+    attack_dir = pipeline / "runs_synthetic" / "resnet18" / ATTACK
+    folder = attack_dir / "hfc_M2_lam1_layerslast-stage"
+    assert (folder / "results.json").is_file() and deep["success"]["hfc"] > 0 and control["success"]["hfc"] > 0
+    term = hfc.HFCTerm(mixtures, layers=chosen)
+    values = _mean_layer_values(model, term, {"deep": folder, "control": attack_dir / "hfc_M2_lam0"})
+    print(f"deepest-stage term: constrained {values['deep']:.3g}, control {values['control']:.3g}")
+    assert values["deep"] < 0.8 * values["control"], values
