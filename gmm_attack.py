@@ -170,8 +170,6 @@ def make_term(form: str, run_: runs.Run, model, mixtures: gmm.Mixtures, device, 
     ``--hfc-layers``, the typical-set term with τ measured on the run's validation images, or the
     exemplar term on every hierarchical layer (it needs no covariance, so no channel cap: the stage
     outputs the detectors read are kept)."""
-    if layers != "all" and form not in hfc.TERMS:
-        raise utils.UserError(f"--hfc-layers applies to the {', '.join(hfc.TERMS)} forms of the term, not {form}")
     if form == TYPICAL_TERM:
         return typical_set.fitted_term(run_, model, mixtures, device, batch_size, normalise=True)
     if form in EXEMPLAR_TERMS:
@@ -185,6 +183,9 @@ def run(config: Config) -> dict:
     """Choose λ (when asked) on A_fit, attack A_eval with HFC, score both rows; returns results.json."""
     if config.exemplars != "train" and config.term not in EXEMPLAR_TERMS:
         raise utils.UserError("--exemplars applies to --term exemplar or exemplar-hinged only")
+    if config.hfc_layers != "all" and config.term not in hfc.TERMS:
+        raise utils.UserError(f"--hfc-layers applies to the {', '.join(hfc.TERMS)} forms of the term, "
+                              f"not {config.term}")
     spec = attacks.parse_attack(config.attack)
     if spec.method == "Noise":
         raise utils.UserError(f"--attack must be an attack, not the noise set {spec.name}")

@@ -505,6 +505,14 @@ def test_term_layer_choices_resolve_to_mixture_layers(pipeline):
         hfc.resolve_term_layers(unfitted[-1], model, mixtures.layers)
 
 
+def test_hfc_layers_with_a_form_without_mixtures_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    """The flag check comes first: in a folder with no run at all the error names the flag, not the
+    missing checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="--hfc-layers applies to"):
+        gmm_attack.main(["--dataset", "synthetic", "--device", "cpu", "--term", "exemplar", "--hfc-layers", "last"])
+
+
 def test_gmm_attack_on_the_deepest_stage_constrains_only_those_layers(pipeline, monkeypatch):
     """--hfc-layers last-stage: the term acts on the deepest stage's mixture layers only. Against the
     λ = 0 control (the same schedule and images) the AEs' term falls on those layers, the folder and the
