@@ -47,6 +47,9 @@ TERM_CHOICES = (*hfc.TERMS, TYPICAL_TERM, *EXEMPLAR_TERMS)
 OWN_SCALE_TERMS = (TYPICAL_TERM, *EXEMPLAR_TERMS)  # forms that measure their own scales on the validation images
 DEFAULT_CLASS_LOSS = "base"
 DEFAULT_KAPPA = 0.0
+# --images → the protocol's name of that part of A. A_fit is where a setting may be chosen: the
+# detectors were fitted on its base AEs, but never on its HFC AEs, and A_eval stays untouched.
+IMAGE_PARTS = {"eval": "A_eval", "fit": "A_fit"}
 
 
 def lamda_value(text: str) -> str | None:
@@ -131,7 +134,10 @@ class Config(TermAttackConfig):
     hfc_layers: str = cli.flag("all", "the layers the term constrains (paper, normalised and hinged forms): all (every "
                                "layer with a mixture, the paper's), last-stage (those in the network's deepest "
                                "stage), last (the deepest one) or a comma list of tap names")
-    limit: int | None = cli.flag(None, "attack only the first N images of A_eval", check=cli.at_least(2))
+    images: str = cli.flag("eval", "the part of A attacked and scored: eval (A_eval, the protocol's) or fit (A_fit, "
+                           "the detectors' own fitting images: for choosing a setting without looking at A_eval; "
+                           "its AUCs flatter the detectors)", choices=IMAGE_PARTS)
+    limit: int | None = cli.flag(None, "attack only the first N images of the part attacked", check=cli.at_least(2))
     batch_size: int = cli.flag(32, "attack batch size", short="-b", check=cli.at_least(1))
 
     def results_dir(self, run: runs.Run) -> Path:
@@ -149,7 +155,8 @@ class Config(TermAttackConfig):
 
 # The settings that change the HFC AEs or their scoring, by the short name they add to the folder.
 VARIANT_FIELDS = {"step_size": "a", "steps": "T", "last_iterate": "last", "detector": "det", "term": "term",
-                  "class_loss": "loss", "kappa": "kappa", "exemplars": "ex", "hfc_layers": "layers"}
+                  "class_loss": "loss", "kappa": "kappa", "exemplars": "ex", "hfc_layers": "layers",
+                  "images": "img"}
 
 
 def main(argv=None) -> dict:
@@ -205,9 +212,10 @@ def run(config: Config) -> dict:
     term_layers = [model.layer_names[i] for i in term.layers] if isinstance(term, hfc.HFCTerm) else None
     step_256, steps = hfc.hfc_schedule(run_.dataset, config.arch, spec.eps_256, config.step_size, config.steps)
     base = sets["base"]
-    eval_pos = sets["eval"][:config.limit] if config.limit else sets["eval"]
+    part = IMAGE_PARTS[config.images]
+    eval_pos = sets[config.images][:config.limit] if config.limit else sets[config.images]
     if len(eval_pos) < 2:
-        raise utils.UserError(f"A_eval holds {len(eval_pos)} images; attack more images with gen_base_adv.py")
+        raise utils.UserError(f"{part} holds {len(eval_pos)} images; attack more images with gen_base_adv.py")
     attack_kwargs = dict(step_size_256=step_256, steps=steps, seed=config.seed, batch_size=config.batch_size,
                          device=device, keep_successful=not config.last_iterate,
                          **hfc.engine_loss(spec, config.class_loss, config.kappa_value()))
@@ -230,7 +238,7 @@ def run(config: Config) -> dict:
     meta = {"attack": spec.name, "hfc": True, "dataset": run_.dataset, "arch": config.arch,
             "num_component": config.num_component, "lamda": lam, "step_size_256": step_256, "steps": steps,
             "keep_successful": not config.last_iterate, "term": config.term, "class_loss": config.class_loss,
-            "kappa": config.kappa_value(), "term_layers": term_layers, "seed": config.seed, "images_of": "A_eval"}
+            "kappa": config.kappa_value(), "term_layers": term_layers, "seed": config.seed, "images_of": part}
 
     timer = time.perf_counter()
     rows = {"base": (base["adv"][eval_pos], base["success"][eval_pos]), "hfc": (adv.numpy(), success.numpy())}
@@ -246,7 +254,7 @@ def run(config: Config) -> dict:
         num_component=config.num_component,
         step_size_256=step_256, steps=steps, keep_successful=not config.last_iterate, term=config.term,
         class_loss=config.class_loss, kappa=config.kappa_value(), term_layers=term_layers,
-        mixture_log_likelihood=loglik,
+        mixture_log_likelihood=loglik, images_of=part,
         seconds={"choose_lamda": tune_seconds, "attack": attack_seconds,
                  "attack_per_image": attack_seconds / len(eval_pos), "score": score_seconds},
         # The process's CPU time: on a CPU it does not grow when other jobs share the cores, so

@@ -173,11 +173,13 @@ def summary_rows(results: dict[str, Any], label: str, with_base: bool = True) ->
     """One line per row of ``results`` ("base" unless ``with_base`` is False, "hfc"): AUC per
     detector, mean AUC, success, λ."""
     lines = []
+    # Rows scored on A_fit (gmm_attack.py --images fit) are marked: the detectors were fitted there.
+    part = " [A_fit]" if results.get("images_of") == "A_fit" else ""
     for row in [r for r in ROWS if r in results["success"] and (with_base or r != "base")]:
         lam = results.get("lamda") if row == "hfc" else None
         value, interval = mean_auc(results, row)
         per = {name: results["detectors"].get(name, {}).get(row) for name in DETECTOR_ORDER}
-        lines.append([label, row if row == "base" else _hfc_label(results)]
+        lines.append([label, (row if row == "base" else _hfc_label(results)) + part]
                      + [cell(m["auc"], m.get("auc_ci")) if m else "-" for m in per.values()]
                      + [cell(value, interval),
                         cell(results["success"][row], (results.get("success_ci") or {}).get(row)),
@@ -253,7 +255,8 @@ def main(argv=None) -> str:
                  "dataset": f"{results['dataset']} {results['arch']} {results['attack']}",
                  "root": run_dir.parents[1].name}[args.label]
         # The base row of the same run, attack and images is shown once.
-        base_key = (str(run_dir), results["attack"], results["n_eval"], results["detector_attack"])
+        base_key = (str(run_dir), results["attack"], results["n_eval"], results["detector_attack"],
+                    results.get("images_of", "A_eval"))
         with_base = base_key not in bases_shown
         lines += (layer_rows(results, args.layers, label, layers, with_base) if args.layers is not None
                   else summary_rows(results, label, with_base=with_base))
@@ -261,7 +264,8 @@ def main(argv=None) -> str:
             lines += weight_rows(results, args.layers, label, layers, run_dir.parents[1])
         bases_shown.add(base_key)
     command = "python report.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    what = f"{args.layers}: AUC of each layer's score on A_eval" if args.layers is not None else "AUC on A_eval"
+    parts = " and ".join(sorted({results.get("images_of", "A_eval") for _, results in loaded}))
+    what = f"{args.layers}: AUC of each layer's score on {parts}" if args.layers is not None else f"AUC on {parts}"
     table = render(f"{what} ({command})", lines, args.format)
     print(table)
     return table

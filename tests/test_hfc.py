@@ -538,3 +538,28 @@ def test_gmm_attack_on_the_deepest_stage_constrains_only_those_layers(pipeline, 
     values = _mean_layer_values(model, term, {"deep": folder, "control": attack_dir / "hfc_M2_lam0"})
     print(f"deepest-stage term: constrained {values['deep']:.3g}, control {values['control']:.3g}")
     assert values["deep"] < 0.8 * values["control"], values
+
+
+def test_gmm_attack_on_a_fit_attacks_those_images_and_keeps_them_apart(pipeline, monkeypatch):
+    """--images fit: the attack and the scores are on A_fit's images (for choosing a setting without
+    A_eval), in their own folder, and the results say which part they are of."""
+    monkeypatch.chdir(pipeline)
+    common = ["-a", "resnet18", "--dataset", "synthetic", "--device", "cpu", "-y", "2", "--attack", ATTACK,
+              "--lamda", "0", "--limit", "6"]
+    on_fit = gmm_attack.main(common + ["--images", "fit"])
+    on_eval = gmm_attack.main(common)
+    attack_dir = pipeline / "runs_synthetic" / "resnet18" / ATTACK
+    base = aesets.load_ae_set(attack_dir)
+    fit_pos, eval_pos = evaluation.fit_eval_split(len(base["index"]))
+    fit_set = aesets.load_ae_set(attack_dir / "hfc_M2_lam0_imgfit")
+    eval_set = aesets.load_ae_set(attack_dir / "hfc_M2_lam0")
+    assert fit_set["index"].tolist() == base["index"][fit_pos[:6]].tolist()
+    assert eval_set["index"].tolist() == base["index"][eval_pos[:6]].tolist()
+    assert not set(fit_set["index"].tolist()) & set(eval_set["index"].tolist())
+    assert (on_fit["images_of"], fit_set["meta"]["images_of"], on_eval["images_of"]) == ("A_fit", "A_fit", "A_eval")
+    assert on_fit["record"]["settings"]["images"] == "fit" and on_fit["n_eval"] == 6
+    assert [row[1] for row in report.summary_rows(on_fit, "run")] == ["base [A_fit]", "λ = 0 control [A_fit]"]
+    assert [row[1] for row in report.summary_rows(on_eval, "run")] == ["base", "λ = 0 control"]
+    table = report.main(["--format", "md", str(attack_dir / "hfc_M2_lam0_imgfit" / "results.json"),
+                         str(attack_dir / "hfc_M2_lam0" / "results.json")])
+    assert "AUC on A_eval and A_fit" in table and table.count("| base") == 2, table
