@@ -187,7 +187,8 @@ def make_term(form: str, run_: runs.Run, model, mixtures: gmm.Mixtures, device, 
 
 
 def run(config: Config) -> dict:
-    """Choose λ (when asked) on A_fit, attack A_eval with HFC, score both rows; returns results.json."""
+    """Choose λ (when asked) on A_fit, attack the part of A of --images (A_eval by default) with HFC,
+    score both rows; returns results.json."""
     if config.exemplars != "train" and config.term not in EXEMPLAR_TERMS:
         raise utils.UserError("--exemplars applies to --term exemplar or exemplar-hinged only")
     if config.hfc_layers != "all" and config.term not in hfc.TERMS:
@@ -213,9 +214,9 @@ def run(config: Config) -> dict:
     step_256, steps = hfc.hfc_schedule(run_.dataset, config.arch, spec.eps_256, config.step_size, config.steps)
     base = sets["base"]
     part = IMAGE_PARTS[config.images]
-    eval_pos = sets[config.images][:config.limit] if config.limit else sets[config.images]
-    if len(eval_pos) < 2:
-        raise utils.UserError(f"{part} holds {len(eval_pos)} images; attack more images with gen_base_adv.py")
+    attacked_pos = sets[config.images][:config.limit] if config.limit else sets[config.images]
+    if len(attacked_pos) < 2:
+        raise utils.UserError(f"{part} holds {len(attacked_pos)} images; attack more images with gen_base_adv.py")
     attack_kwargs = dict(step_size_256=step_256, steps=steps, seed=config.seed, batch_size=config.batch_size,
                          device=device, keep_successful=not config.last_iterate,
                          **hfc.engine_loss(spec, config.class_loss, config.kappa_value()))
@@ -231,8 +232,8 @@ def run(config: Config) -> dict:
     tune_seconds, tune_cpu = time.perf_counter() - started, time.process_time() - started_cpu
 
     timer, timer_cpu = time.perf_counter(), time.process_time()
-    clean = base["clean"][eval_pos]
-    adv, success = hfc.hfc_attack(model, term, torch.from_numpy(clean), base["targets"][eval_pos], spec,
+    clean = base["clean"][attacked_pos]
+    adv, success = hfc.hfc_attack(model, term, torch.from_numpy(clean), base["targets"][attacked_pos], spec,
                                   lam=lam, **attack_kwargs)
     attack_seconds, attack_cpu = time.perf_counter() - timer, time.process_time() - timer_cpu
     meta = {"attack": spec.name, "hfc": True, "dataset": run_.dataset, "arch": config.arch,
@@ -241,22 +242,22 @@ def run(config: Config) -> dict:
             "kappa": config.kappa_value(), "term_layers": term_layers, "seed": config.seed, "images_of": part}
 
     timer = time.perf_counter()
-    rows = {"base": (base["adv"][eval_pos], base["success"][eval_pos]), "hfc": (adv.numpy(), success.numpy())}
-    scored = evaluation.score_table(model, fitted, clean, sets["noisy"][eval_pos], rows, device=device,
+    rows = {"base": (base["adv"][attacked_pos], base["success"][attacked_pos]), "hfc": (adv.numpy(), success.numpy())}
+    scored = evaluation.score_table(model, fitted, clean, sets["noisy"][attacked_pos], rows, device=device,
                                     batch_size=config.batch_size)
     score_seconds = time.perf_counter() - timer
-    loglik = evaluation.mixture_log_likelihood(model, mixtures, rows, base["targets"][eval_pos], device,
+    loglik = evaluation.mixture_log_likelihood(model, mixtures, rows, base["targets"][attacked_pos], device,
                                                extracted=scored.features)
     results = report.results_dict(
         dataset=run_.dataset, arch=config.arch, attack=spec.name, detector_attack=detector_attack,
-        epsilon_256=spec.eps_256, n_eval=len(eval_pos), success=scored.success, detectors=scored.table,
+        epsilon_256=spec.eps_256, n_eval=len(attacked_pos), success=scored.success, detectors=scored.table,
         **scored.summary_fields(), lamda=lam, lamda_rule=lamda_rule, lamda_trials=trials,
         num_component=config.num_component,
         step_size_256=step_256, steps=steps, keep_successful=not config.last_iterate, term=config.term,
         class_loss=config.class_loss, kappa=config.kappa_value(), term_layers=term_layers,
         mixture_log_likelihood=loglik, images_of=part,
         seconds={"choose_lamda": tune_seconds, "attack": attack_seconds,
-                 "attack_per_image": attack_seconds / len(eval_pos), "score": score_seconds},
+                 "attack_per_image": attack_seconds / len(attacked_pos), "score": score_seconds},
         # The process's CPU time: on a CPU it does not grow when other jobs share the cores, so
         # the λ search's cost relative to the attack's is comparable between runs.
         cpu_seconds={"choose_lamda": tune_cpu, "attack": attack_cpu})
@@ -264,8 +265,8 @@ def run(config: Config) -> dict:
     # The folder's AEs, table and record are swapped in together, once all of them exist.
     out = config.results_dir(run_)
     with utils.replacing_dir(out) as staging:
-        aesets.save_ae_set(staging, clean=clean, adv=adv, labels=base["labels"][eval_pos],
-                           targets=base["targets"][eval_pos], success=success, index=base["index"][eval_pos],
+        aesets.save_ae_set(staging, clean=clean, adv=adv, labels=base["labels"][attacked_pos],
+                           targets=base["targets"][attacked_pos], success=success, index=base["index"][attacked_pos],
                            eps=spec.eps, meta=meta)
         utils.atomic_write_bytes(staging / "results.md", markdown.encode())
         results["record"] = runs.record("hfc", config.settings(),
@@ -276,7 +277,7 @@ def run(config: Config) -> dict:
     print(f"HFC ({config.term} term, {config.class_loss} loss): λ = {lam:.3g} ({lamda_rule}), "
           f"M = {config.num_component}, α = {step_256:g}/256, T = {steps}; "
           f"mean mixture log-likelihood of AE features: base {loglik['base']:.1f}, HFC {loglik['hfc']:.1f}; "
-          f"attack {attack_seconds:.0f} s ({attack_seconds / len(eval_pos):.2f} s/image)"
+          f"attack {attack_seconds:.0f} s ({attack_seconds / len(attacked_pos):.2f} s/image)"
           + (f"; choosing λ took {tune_seconds / attack_seconds:.2f}× the attack's wall time, "
              f"{tune_cpu / max(attack_cpu, 1e-9):.2f}× its CPU time" if config.lamda.lower() == "auto" else "")
           + f" -> {out}")
