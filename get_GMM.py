@@ -46,6 +46,10 @@ class Config(cli.RunConfig):
     reg_covar: float = cli.flag(gmm.DEFAULT_REG_COVAR, "covariance regulariser, relative to the mean per-channel "
                                 "variance of each fit's features; it sets the precision in the directions a few "
                                 "hundred samples do not span", check=cli.positive)
+    reg_scale: str = cli.flag("mean", "what --reg-covar is relative to: mean (the mean per-channel variance, one "
+                              "scalar per fit) or channel (each channel's own variance: the fit is made on "
+                              "features divided by their per-channel standard deviation, so channels with a "
+                              "small clean variance are not swamped by the regulariser)", choices=gmm.REG_SCALES)
     max_iter: int = cli.flag(gmm.DEFAULT_MAX_ITER, "EM / variational iterations per fit", check=cli.at_least(1))
     min_samples_per_component: int = cli.flag(gmm.DEFAULT_MIN_SAMPLES_PER_COMPONENT,
                                               "clamp M to n_samples // this per fit", check=cli.at_least(1))
@@ -74,7 +78,8 @@ def run(config: Config) -> dict:
     feature_seconds = time.perf_counter() - start
     mixtures = gmm.fit_mixtures(
         feats.pooled, labels.numpy(), layers, config.num_component, kind=config.kind, seed=config.seed,
-        n_jobs=jobs, classes=range(model.num_classes), reg_covar=config.reg_covar, max_iter=config.max_iter,
+        n_jobs=jobs, classes=range(model.num_classes), reg_covar=config.reg_covar, reg_scale=config.reg_scale,
+        max_iter=config.max_iter,
         min_samples_per_component=config.min_samples_per_component, layer_names=model.layer_names,
         layer_channels=model.layer_channels, max_channels=config.max_channels)
 

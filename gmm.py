@@ -19,7 +19,14 @@ Small-sample regime (a few hundred samples per class, up to 512 dimensions, M up
 component's empirical covariance is rank-deficient, so the diagonal regulariser decides the
 precision in the directions the data do not span. ``reg_covar`` is therefore *relative*: the value
 handed to scikit-learn is ``reg_covar × (mean per-channel variance of that class at that layer)``,
-which makes it independent of the feature scale of each layer. M is clamped to
+which makes it independent of the feature scale of each layer. With ``reg_scale="channel"`` the
+regulariser is per channel instead: each channel is divided by its own training standard deviation
+before the fit (``reg_covar × 1`` is then added in those units) and the fitted means and precision
+factors are mapped back, so the regulariser is ``reg_covar × diag(per-channel variance)``. A
+scalar regulariser at the *mean* variance swamps the channels whose clean variance is far below
+the mean (two orders of magnitude in ResNet-50's last layer), so the term hardly weighs them; per
+channel, every channel counts on its own scale, and the fit no longer depends on how each channel
+happens to be scaled. M is clamped to
 ``n_samples // min_samples_per_component`` per (layer, class) fit (k-means initialisation needs at
 least one sample per component, and a component needs a few to mean anything); every clamp is
 recorded in the summary.
@@ -51,6 +58,10 @@ DEFAULT_MAX_CHANNELS = 512
 DEFAULT_NUM_COMPONENTS = 8  # the paper's README uses 64; why 8 on a CPU: get_GMM.py --help
 DEFAULT_REG_COVAR = 1e-3  # relative to the mean per-channel variance (see module docstring)
 DEFAULT_MAX_ITER = 100  # scikit-learn's default
+REG_SCALES = ("mean", "channel")  # reg_covar relative to the mean variance, or to each channel's
+# With reg_scale="channel", a channel whose training variance is below this fraction of the mean
+# (dead ReLUs: 0) is scaled as if it had this variance, so its z-units stay finite.
+CHANNEL_VARIANCE_FLOOR = 1e-2
 DEFAULT_MIN_SAMPLES_PER_COMPONENT = 4
 KINDS = ("bayesian", "em")
 MIXTURES_NAME = "mixtures.npz"
@@ -183,10 +194,21 @@ def params_from_sklearn(model, X: np.ndarray, reg_covar: float | None = None,
 
 
 def _fit_one(X: np.ndarray, kind: str, n_components: int, reg_covar_rel: float, max_iter: int,
-             random_state: int) -> MixtureParams:
+             random_state: int, reg_scale: str = "mean") -> MixtureParams:
     """Fit one mixture (a joblib job: top-level, so process workers can run it)."""
     start = time.perf_counter()
     X = np.asarray(X, dtype=np.float64)  # float32 Cholesky factors of near-singular covariances break
+    if reg_scale == "channel":
+        variance = X.var(axis=0)
+        std = np.sqrt(np.maximum(variance, CHANNEL_VARIANCE_FLOOR * variance.mean()) + 1e-24)
+        params = _fit_one(X / std, kind, n_components, reg_covar_rel, max_iter, random_state)
+        # Back to the features' units: μ = μ_z·s and L = diag(1/s)·L_z (still upper triangular), so
+        # ‖(f − μ)L‖ = ‖(f/s − μ_z)L_z‖ and the log-density gains −Σ log s.
+        params.means = params.means * std
+        params.prec_chol = params.prec_chol / std[None, :, None]
+        params.avg_log_likelihood = float(params.log_likelihood(X).mean())
+        params.seconds = time.perf_counter() - start
+        return params
     # The regulariser scales with the data (module docstring); the floor covers dead (all-zero) layers.
     reg = max(reg_covar_rel * float(X.var(axis=0).mean()), 1e-8)
     for attempt in range(_REG_RETRIES):
@@ -215,7 +237,8 @@ class Mixtures:
                  seed: int = 0, reg_covar: float = DEFAULT_REG_COVAR, max_iter: int = DEFAULT_MAX_ITER,
                  min_samples_per_component: int = DEFAULT_MIN_SAMPLES_PER_COMPONENT,
                  max_channels: int | None = None, fit_seconds: float = 0.0,
-                 scales: dict[tuple[int, int], float] | None = None, scale_info: dict | None = None):
+                 scales: dict[tuple[int, int], float] | None = None, scale_info: dict | None = None,
+                 reg_scale: str = "mean"):
         self.params = params
         self.layers = [int(layer) for layer in layers]
         self.classes = [int(c) for c in classes]
@@ -225,6 +248,7 @@ class Mixtures:
         self.layer_channels = [int(c) for c in layer_channels] if layer_channels is not None else None
         self.seed = int(seed)
         self.reg_covar = float(reg_covar)
+        self.reg_scale = reg_scale
         self.max_iter = int(max_iter)
         self.min_samples_per_component = int(min_samples_per_component)
         self.max_channels = max_channels
@@ -284,7 +308,7 @@ class Mixtures:
         lls = [f["avg_log_likelihood"] for f in fits]
         return {
             "kind": self.kind, "num_components": self.num_components, "seed": self.seed,
-            "reg_covar_relative": self.reg_covar, "max_iter": self.max_iter,
+            "reg_covar_relative": self.reg_covar, "reg_scale": self.reg_scale, "max_iter": self.max_iter,
             "min_samples_per_component": self.min_samples_per_component,
             "max_channels": self.max_channels, "classes": self.classes, "layers": self.layers,
             "layer_names": self.layer_names, "layer_channels": self.layer_channels,
@@ -382,6 +406,7 @@ def load_mixtures(folder: str | Path, hint: str = "run get_GMM.py first") -> Mix
                         num_components=summary["num_components"], layer_names=summary.get("layer_names"),
                         layer_channels=summary.get("layer_channels"), seed=summary.get("seed", 0),
                         reg_covar=summary.get("reg_covar_relative", DEFAULT_REG_COVAR),
+                        reg_scale=summary.get("reg_scale", "mean"),
                         max_iter=summary.get("max_iter", DEFAULT_MAX_ITER),
                         min_samples_per_component=summary.get("min_samples_per_component",
                                                               DEFAULT_MIN_SAMPLES_PER_COMPONENT),
@@ -426,14 +451,15 @@ def fit_mixtures(pooled_by_layer: Sequence[np.ndarray], labels: np.ndarray, laye
                  min_samples_per_component: int = DEFAULT_MIN_SAMPLES_PER_COMPONENT,
                  layer_names: Sequence[str] | None = None, layer_channels: Sequence[int] | None = None,
                  max_channels: int | None = None, backend: str = "threading",
-                 progress: bool = True) -> Mixtures:
+                 progress: bool = True, reg_scale: str = "mean") -> Mixtures:
     """Fit one mixture per (kept layer, class) on the pooled training features, in parallel.
 
     ``pooled_by_layer[l]`` is the N×C_l array of layer l (all hierarchical layers, indexed like the
     model's ``layer_names``); ``labels`` the N class labels; ``layers`` the layer indices to fit
     (see ``select_layers``); ``classes`` defaults to ``0..max(label)``. ``kind`` is "bayesian"
     (``BayesianGaussianMixture``, the paper) or "em" (``GaussianMixture``). ``reg_covar`` is
-    relative to the mean per-channel variance of each fit's data. Jobs run largest-first on
+    relative to the mean per-channel variance of each fit's data (``reg_scale="mean"``) or to each
+    channel's own variance (``"channel"``, module docstring). Jobs run largest-first on
     ``n_jobs`` joblib workers (``backend``: "threading", the default, or "loky" processes),
     with a progress bar.
     """
@@ -444,6 +470,8 @@ def fit_mixtures(pooled_by_layer: Sequence[np.ndarray], labels: np.ndarray, laye
 
     if kind not in KINDS:
         raise UserError(f"unknown mixture kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if reg_scale not in REG_SCALES:
+        raise UserError(f"unknown regulariser scale {reg_scale!r}; expected one of {', '.join(REG_SCALES)}")
     if num_components < 1:
         raise UserError(f"number of components must be >= 1, got {num_components}")
     labels = np.asarray(labels).astype(np.int64)
@@ -463,7 +491,7 @@ def fit_mixtures(pooled_by_layer: Sequence[np.ndarray], labels: np.ndarray, laye
 
     start = time.perf_counter()
     params: dict[tuple[int, int], MixtureParams] = {}
-    tasks = [(layer, cls, X, kind, m, reg_covar, max_iter, _fit_seed(seed, layer, cls))
+    tasks = [(layer, cls, X, kind, m, reg_covar, max_iter, _fit_seed(seed, layer, cls), reg_scale)
              for layer, cls, X, m in jobs]
     bar = tqdm(total=len(jobs), desc=f"GMM fits ({kind}, M={num_components})", unit="fit",
                disable=not progress)
@@ -491,8 +519,8 @@ def fit_mixtures(pooled_by_layer: Sequence[np.ndarray], labels: np.ndarray, laye
                     layer_names=layer_names, layer_channels=layer_channels, seed=seed,
                     reg_covar=reg_covar, max_iter=max_iter,
                     min_samples_per_component=min_samples_per_component, max_channels=max_channels,
-                    fit_seconds=time.perf_counter() - start)
+                    fit_seconds=time.perf_counter() - start, reg_scale=reg_scale)
 
 
-def _fit_one_keyed(layer, cls, X, kind, m, reg_covar, max_iter, random_state):
-    return (layer, cls), _fit_one(X, kind, m, reg_covar, max_iter, random_state)
+def _fit_one_keyed(layer, cls, X, kind, m, reg_covar, max_iter, random_state, reg_scale="mean"):
+    return (layer, cls), _fit_one(X, kind, m, reg_covar, max_iter, random_state, reg_scale)

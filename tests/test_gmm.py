@@ -114,6 +114,51 @@ def test_clamping_and_non_convergence_are_reported():
     assert {"layer": 0, "class": 0} in summary["not_converged"]
 
 
+@pytest.mark.parametrize("kind", gmm.KINDS)
+def test_channel_regulariser_does_not_depend_on_channel_units(kind, tmp_path):
+    """reg_scale="channel": rescaling the channels leaves the term unchanged and shifts the
+    log-density by the log-Jacobian (the fit is made in per-channel standard units); the mean-scaled
+    regulariser does not have this property, and it weighs a low-variance channel less."""
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(200, 6)) @ rng.normal(size=(6, 6))
+    X[100:] += 8.0  # two well-separated clusters: the same components whatever the units
+    X[:, 0] *= 0.3  # a channel with a small clean variance (above the floor in either units)
+    labels = np.zeros(len(X), dtype=np.int64)
+    units = np.exp(rng.normal(scale=0.3, size=6))
+    probe = rng.normal(size=(15, 6))
+    terms, loglik = {}, {}
+    for scale in gmm.REG_SCALES:
+        plain = gmm.fit_mixtures([X], labels, [0], 2, kind=kind, reg_covar=1.0, reg_scale=scale, n_jobs=1,
+                                 progress=False)
+        rescaled = gmm.fit_mixtures([X * units], labels, [0], 2, kind=kind, reg_covar=1.0, reg_scale=scale,
+                                    n_jobs=1, progress=False)
+        terms[scale] = (plain[(0, 0)].chosen_term(probe), rescaled[(0, 0)].chosen_term(probe * units))
+        loglik[scale] = (plain[(0, 0)].log_likelihood(probe),
+                         rescaled[(0, 0)].log_likelihood(probe * units) + np.log(units).sum())
+    np.testing.assert_allclose(*terms["channel"], rtol=1e-8)
+    np.testing.assert_allclose(*loglik["channel"], rtol=1e-8)
+    assert np.abs(terms["mean"][0] - terms["mean"][1]).max() > 1e-3
+    # a step along the low-variance channel costs more under the per-channel regulariser
+    step = np.zeros((1, 6))
+    step[0, 0] = X[:, 0].std()
+    rise = {}
+    for scale in gmm.REG_SCALES:
+        mixture = gmm.fit_mixtures([X], labels, [0], 1, kind=kind, reg_covar=1.0, reg_scale=scale, n_jobs=1,
+                                   progress=False)[(0, 0)]
+        centre = mixture.means[:1]
+        rise[scale] = (mixture.chosen_term(centre + step) - mixture.chosen_term(centre))[0]
+    assert rise["channel"] > 2 * rise["mean"], rise
+    # recorded, and kept through save/load
+    saved = gmm.fit_mixtures([X], labels, [0], 2, kind=kind, reg_covar=1.0, reg_scale="channel", n_jobs=1,
+                             progress=False)
+    saved.save(tmp_path)
+    loaded = gmm.load_mixtures(tmp_path)
+    assert loaded.reg_scale == "channel" and loaded.summary()["reg_scale"] == "channel"
+    np.testing.assert_allclose(loaded[(0, 0)].chosen_term(probe), saved[(0, 0)].chosen_term(probe), rtol=1e-10)
+    with pytest.raises(gmm.UserError, match="regulariser scale"):
+        gmm.fit_mixtures([X], labels, [0], 2, reg_scale="median", n_jobs=1, progress=False)
+
+
 @pytest.fixture(scope="module")
 def fitted():
     """Mixtures of two layers and three classes (one with fewer components: padding)."""
