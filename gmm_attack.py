@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import aesets
@@ -222,9 +223,15 @@ def run(config: Config) -> dict:
                          **hfc.engine_loss(spec, config.class_loss, config.kappa_value()))
     started, started_cpu = time.perf_counter(), time.process_time()
 
-    trials, lamda_rule = [], "given"
+    trials, lamda_rule, tune = [], "given", np.zeros(0, dtype=np.int64)
     if lam is None:
-        tune = sets["fit"][:config.tune_images]
+        # λ is chosen on A_fit images that are not then attacked and scored (with --images fit the
+        # attacked ones are A_fit's first, so the tuning images come after them).
+        scored_pos = set(attacked_pos.tolist())
+        tune = np.array([pos for pos in sets["fit"] if pos not in scored_pos], dtype=np.int64)[:config.tune_images]
+        if len(tune) == 0:
+            raise utils.UserError(f"--lamda auto needs A_fit images that are not attacked; with --images fit "
+                                  f"attack fewer than all {len(sets['fit'])} (--limit)")
         print(f"choosing λ on {len(tune)} A_fit images (grid {grid}, success ≥ {config.min_success:.0%})")
         lam, trials, lamda_rule = hfc.choose_lambda(model, term, torch.from_numpy(base["clean"][tune]),
                                                     base["targets"][tune], spec, grid=grid,
@@ -252,6 +259,7 @@ def run(config: Config) -> dict:
         dataset=run_.dataset, arch=config.arch, attack=spec.name, detector_attack=detector_attack,
         epsilon_256=spec.eps_256, n_eval=len(attacked_pos), success=scored.success, detectors=scored.table,
         **scored.summary_fields(), lamda=lam, lamda_rule=lamda_rule, lamda_trials=trials,
+        lamda_tune_index=base["index"][tune].tolist(),
         num_component=config.num_component,
         step_size_256=step_256, steps=steps, keep_successful=not config.last_iterate, term=config.term,
         class_loss=config.class_loss, kappa=config.kappa_value(), term_layers=term_layers,

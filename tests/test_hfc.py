@@ -304,6 +304,9 @@ def test_gmm_attack_eval_and_reproduce_end_to_end(pipeline, monkeypatch):
             assert 0.0 <= rows[row]["auc"] <= 1.0 and 0.0 <= rows[row]["tnr90"] <= 1.0
     assert results["attack"] == ATTACK and results["detector_attack"] == ATTACK and results["epsilon_256"] == 4.0
     assert 0 <= results["success"]["hfc"] <= 1 and results["lamda"] in [t["lamda"] for t in results["lamda_trials"]]
+    base_index = aesets.load_ae_set(pipeline / "runs_synthetic" / "resnet18" / ATTACK)["index"]
+    fit_pos, _ = evaluation.fit_eval_split(len(base_index))
+    assert results["lamda_tune_index"] == base_index[fit_pos[:8]].tolist()
     # the base row is the detectors' own A_eval report: one scoring path for both stages
     fitted_summary = json.loads((pipeline / "runs_synthetic" / "resnet18" / ATTACK / "detectors" / "summary.json")
                                 .read_text())
@@ -563,3 +566,11 @@ def test_gmm_attack_on_a_fit_attacks_those_images_and_keeps_them_apart(pipeline,
     table = report.main(["--format", "md", str(attack_dir / "hfc_M2_lam0_imgfit" / "results.json"),
                          str(attack_dir / "hfc_M2_lam0" / "results.json")])
     assert "AUC on A_eval and A_fit" in table and table.count("| base") == 2, table
+    # λ chosen with --images fit: on A_fit images that are not then attacked and scored
+    tuned = gmm_attack.main(common[:-4] + ["--images", "fit", "--limit", "4", "--lamda", "auto",
+                                           "--tune-images", "2", "--lamda-grid", "1"])
+    tuned_set = aesets.load_ae_set(attack_dir / "hfc_M2_lamauto_imgfit")
+    assert tuned["lamda_tune_index"] == base["index"][fit_pos[4:6]].tolist()
+    assert not set(tuned["lamda_tune_index"]) & set(tuned_set["index"].tolist())
+    with pytest.raises(UserError, match="A_fit images that are not attacked"):
+        gmm_attack.main(common[:-4] + ["--images", "fit", "--lamda", "auto"])
