@@ -52,6 +52,7 @@ ALIASES = {"BIM": "I_FGSM"}
 METHODS = ("FGSM", "I_FGSM", "PGD", "MI_FGSM", "DI_FGSM", "TI_FGSM", "CW", "Noise")
 LOSSES = ("ce", "cw", "none")  # "none": no classification goal, the extra term alone (the stress test)
 OPTION_NAMES = ("loss", "decay", "kappa", "di_prob", "resize_rate", "ti_kernel", "random_start", "keep_successful",
+                "term_after_hit",
                 "stop_when_all_hit", "orthogonal")
 # Orthogonal PGD (Bryniarski et al., ICLR 2022): which images take a detector step.
 # "success": those already classified as their target (as Bryniarski et al.'s released attack,
@@ -107,7 +108,7 @@ def parse_attack(name: str) -> AttackSpec:
 # budget/defaults, and how it differs from torchattacks (the parity tests match these settings).
 _BASE = dict(steps=DEFAULT_STEPS, step_fraction=DEFAULT_STEP_FRACTION, loss="ce", kappa=CW_KAPPA,
              random_start=False, decay=None, di_prob=0.0, resize_rate=DI_RESIZE_RATE, ti_kernel=0,
-             keep_successful=False, stop_when_all_hit=False, orthogonal=None)
+             keep_successful=False, stop_when_all_hit=False, orthogonal=None, term_after_hit=False)
 
 
 def _fgsm() -> dict:
@@ -185,6 +186,7 @@ class _Config:
     keep_successful: bool  # an image whose last iterate misses keeps its latest hit
     stop_when_all_hit: bool  # with keep_successful, success only: an image leaves at its first hit, a batch stops when all have
     orthogonal: str | None  # None: off; else orthogonal PGD on ``extra`` (a detector score), one of ORTHOGONAL_RULES
+    term_after_hit: bool  # ``extra`` acts on an image only once an iterate of it has been classified as its target
 
 
 def _resolve(spec: AttackSpec, steps: int | None, step_size: float | None, options: dict) -> _Config:
@@ -339,6 +341,7 @@ def _attack_batch(model, x0: torch.Tensor, targets: torch.Tensor, eps: float, cf
     # draws (DI) are per batch, not per image. A term with per-image guides bound to the batch
     # positions keeps every image.
     shrink = cfg.stop_when_all_hit and not getattr(extra, "per_image", False)
+    reached = torch.zeros(len(x), dtype=torch.bool, device=x.device)  # for term_after_hit
     rows, result = (torch.arange(len(x), device=x.device), x0.clone()) if shrink else (None, None)
     for _ in range(cfg.steps):
         x.requires_grad_(True)
@@ -361,8 +364,16 @@ def _attack_batch(model, x0: torch.Tensor, targets: torch.Tensor, eps: float, cf
             else:
                 # An extra term that names its layers (HFCTerm.layers) gets only those pooled.
                 logits, features = _forward_features(model, inputs, extra)
-                loss = classification_loss(logits, targets, cfg.loss, cfg.kappa) + lam * extra(logits, features,
-                                                                                               targets)
+                loss = classification_loss(logits, targets, cfg.loss, cfg.kappa)
+                if cfg.term_after_hit:
+                    # Until an image first reaches its target the term is held constant for it
+                    # (its inputs detached), so its path is the λ = 0 attack's up to that hit.
+                    with torch.no_grad():
+                        reached |= logits.argmax(dim=1) == targets
+                    logits_t, features = _detached_unless(reached, logits, features)
+                    loss = loss + lam * extra(logits_t, features, targets)
+                else:
+                    loss = loss + lam * extra(logits, features, targets)
             (grad,) = torch.autograd.grad(loss, x)
         x = x.detach()
         if cfg.keep_successful:
@@ -375,8 +386,8 @@ def _attack_batch(model, x0: torch.Tensor, targets: torch.Tensor, eps: float, cf
             if shrink and bool(hit_once.any()):
                 result[rows[hit_once]] = latest_hit[hit_once]
                 keep = ~hit_once
-                rows, x, grad, lower, upper, targets = (rows[keep], x[keep], grad[keep], lower[keep],
-                                                        upper[keep], targets[keep])
+                rows, x, grad, lower, upper, targets, reached = (rows[keep], x[keep], grad[keep], lower[keep],
+                                                                 upper[keep], targets[keep], reached[keep])
                 latest_hit, hit_once = latest_hit[keep], hit_once[keep]
                 momentum = None if momentum is None else momentum[keep]
         if kernel is not None:
@@ -397,6 +408,17 @@ def _attack_batch(model, x0: torch.Tensor, targets: torch.Tensor, eps: float, cf
         result[rows] = x
         return result
     return x
+
+
+def _detached_unless(keep: torch.Tensor, logits: torch.Tensor, features: list) -> tuple[torch.Tensor, list]:
+    """``logits`` and every feature tensor with the rows outside ``keep`` detached: the same
+    values, but no gradient flows through those rows (None entries stay None)."""
+    def gate(t):
+        if t is None:
+            return None
+        mask = keep.view(-1, *([1] * (t.dim() - 1)))
+        return torch.where(mask, t, t.detach())
+    return gate(logits), [gate(f) for f in features]
 
 
 @torch.no_grad()
@@ -434,7 +456,10 @@ def run_attack(model, images: torch.Tensor, targets, spec: AttackSpec, *, extra:
     iterate misses its target gets the latest iterate that hit it, if any), ``stop_when_all_hit``
     (False; with keep_successful, for a caller that needs only the success vector: an image leaves
     its batch at its first hit, returning that iterate, and a batch stops once all its images have
-    hit; the success vector is the full run's, the images are not), ``orthogonal`` (None: off; orthogonal
+    hit; the success vector is the full run's, the images are not), ``term_after_hit`` (False;
+    True: ``extra`` contributes no gradient to an image until one of its iterates has been
+    classified as its target, so each image follows the λ = 0 path up to its first hit and the
+    success is at least that attack's), ``orthogonal`` (None: off; orthogonal
     PGD, Bryniarski et al., ICLR 2022, against one detector, below). An ``extra`` with
     ``uses_maps = True`` gets the un-pooled maps of every tap (``model.forward_maps``) instead of
     the pooled features; one with ``tap = i`` (and ``loss="none"``) gets only tap i, pooled, with

@@ -111,6 +111,10 @@ class Config(TermAttackConfig):
     last_iterate: bool = cli.flag(False, "return every image's last iterate, as the base attacks do (default: an "
                                          "image whose last iterate misses the target keeps its latest iterate "
                                          "that hit it)")
+    term_after_hit: bool = cli.flag(False, "the term acts on an image only once one of its iterates has reached "
+                                           "the target: until then it follows the λ = 0 attack's path, so its "
+                                           "success is at least the λ = 0 control's (with the default latest "
+                                           "successful iterate)")
     term: str = cli.flag(DEFAULT_TERM, "form of the HFC term: paper (the sum over layers of ‖(f − μ)L‖²/C), "
                                        "normalised (each layer divided by its held-out clean median from "
                                        "get_GMM.py, averaged over layers), hinged (normalised, each layer "
@@ -155,7 +159,8 @@ class Config(TermAttackConfig):
 
 
 # The settings that change the HFC AEs or their scoring, by the short name they add to the folder.
-VARIANT_FIELDS = {"step_size": "a", "steps": "T", "last_iterate": "last", "detector": "det", "term": "term",
+VARIANT_FIELDS = {"step_size": "a", "steps": "T", "last_iterate": "last", "term_after_hit": "afterhit",
+                  "detector": "det", "term": "term",
                   "class_loss": "loss", "kappa": "kappa", "exemplars": "ex", "hfc_layers": "layers",
                   "images": "img"}
 
@@ -220,6 +225,7 @@ def run(config: Config) -> dict:
         raise utils.UserError(f"{part} holds {len(attacked_pos)} images; attack more images with gen_base_adv.py")
     attack_kwargs = dict(step_size_256=step_256, steps=steps, seed=config.seed, batch_size=config.batch_size,
                          device=device, keep_successful=not config.last_iterate,
+                         term_after_hit=config.term_after_hit,
                          **hfc.engine_loss(spec, config.class_loss, config.kappa_value()))
     started, started_cpu = time.perf_counter(), time.process_time()
 
@@ -245,7 +251,8 @@ def run(config: Config) -> dict:
     attack_seconds, attack_cpu = time.perf_counter() - timer, time.process_time() - timer_cpu
     meta = {"attack": spec.name, "hfc": True, "dataset": run_.dataset, "arch": config.arch,
             "num_component": config.num_component, "lamda": lam, "step_size_256": step_256, "steps": steps,
-            "keep_successful": not config.last_iterate, "term": config.term, "class_loss": config.class_loss,
+            "keep_successful": not config.last_iterate, "term_after_hit": config.term_after_hit,
+            "term": config.term, "class_loss": config.class_loss,
             "kappa": config.kappa_value(), "term_layers": term_layers, "seed": config.seed, "images_of": part}
 
     timer = time.perf_counter()
@@ -261,9 +268,12 @@ def run(config: Config) -> dict:
         **scored.summary_fields(), lamda=lam, lamda_rule=lamda_rule, lamda_trials=trials,
         lamda_tune_index=base["index"][tune].tolist(),
         num_component=config.num_component,
-        step_size_256=step_256, steps=steps, keep_successful=not config.last_iterate, term=config.term,
+        step_size_256=step_256, steps=steps, keep_successful=not config.last_iterate,
+        term_after_hit=config.term_after_hit, term=config.term,
         class_loss=config.class_loss, kappa=config.kappa_value(), term_layers=term_layers,
         mixture_log_likelihood=loglik, images_of=part,
+        mixture_settings={"reg_covar_relative": mixtures.reg_covar, "reg_scale": mixtures.reg_scale,
+                          "max_channels": mixtures.max_channels, "kind": mixtures.kind},
         seconds={"choose_lamda": tune_seconds, "attack": attack_seconds,
                  "attack_per_image": attack_seconds / len(attacked_pos), "score": score_seconds},
         # The process's CPU time: on a CPU it does not grow when other jobs share the cores, so

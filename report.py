@@ -200,6 +200,10 @@ def _hfc_label(results: dict[str, Any]) -> str:
         parts.append(f" on {settings['hfc_layers']}" + (f" ({len(layers)} taps)" if len(layers) > 1 else ""))
     if settings.get("class_loss", "base") != "base":
         parts.append(f", {settings['class_loss']} κ {results.get('kappa')}")
+    if settings.get("term_after_hit"):
+        parts.append(", after hit")
+    if (results.get("mixture_settings") or {}).get("reg_scale", "mean") != "mean":
+        parts.append(f", {results['mixture_settings']['reg_scale']} reg")
     return "".join(parts) + f", λ {settings.get('lamda', results.get('lamda'))})"
 
 

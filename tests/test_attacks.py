@@ -263,6 +263,33 @@ def test_keep_successful_returns_the_latest_hit_when_the_last_iterate_misses(col
         run_attack(model, images, targets, spec, stop_when_all_hit=True, **kwargs)
 
 
+def test_term_after_hit_keeps_the_lambda_zero_success(colour_model):
+    """term_after_hit: the term gives an image no gradient until it first reaches its target, so
+    an image that never hits follows the λ = 0 path exactly, every image that the λ = 0 attack
+    makes hit also hits, and a term strong enough to block the attack from the start no longer
+    does; after the hit the term acts."""
+    model, images, colour = colour_model
+    images, targets = images[:24], (colour[:24] + 1) % 3
+    spec = AttackSpec("I_FGSM", 32.0)  # about a third of these images hit at λ = 0
+
+    def anchor(logits, features, extra_targets):  # pulls every feature back to the clean image's
+        return sum((f - f0).pow(2).sum(1).mean() for f, f0 in zip(features, clean_features))
+
+    with torch.no_grad():
+        clean_features = [f.detach() for f in model.forward_features(images)[1]]
+    kwargs = dict(steps=20, step_size=spec.eps / 8, seed=0, progress=False, keep_successful=True, batch_size=24)
+    plain, plain_success = run_attack(model, images, targets, spec, **kwargs)
+    blocked, blocked_success = run_attack(model, images, targets, spec, extra=anchor, lam=1e3, **kwargs)
+    gated, gated_success = run_attack(model, images, targets, spec, extra=anchor, lam=1e3, term_after_hit=True,
+                                      **kwargs)
+    assert 0 < int(plain_success.sum()) < len(images), "some images must hit and some miss"
+    assert int(blocked_success.sum()) < int(plain_success.sum())  # the term blocks the attack
+    assert bool((gated_success >= plain_success).all())
+    assert torch.equal(gated[~gated_success], plain[~gated_success])  # never hit: the λ = 0 path
+    assert not torch.equal(gated[gated_success], plain[gated_success])  # after the hit, the term acts
+    assert float((gated - images).abs().max()) <= spec.eps + 1e-6
+
+
 @pytest.mark.parametrize("method", ["I_FGSM", "PGD", "MI_FGSM", "DI_FGSM", "TI_FGSM", "CW"])
 def test_success_only_attack_drops_images_at_their_first_hit(colour_model, method):
     # The λ search needs only the success vector: each image leaves its batch at its first hit, so
