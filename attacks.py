@@ -489,6 +489,9 @@ def run_attack(model, images: torch.Tensor, targets, spec: AttackSpec, *, extra:
                          "and keep_successful=False")
     if cfg.loss == "none" and extra is None:
         raise ValueError("loss='none' needs an extra term to follow")
+    if cfg.term_after_hit and (cfg.loss == "none" or cfg.orthogonal is not None):
+        raise ValueError("term_after_hit gates an extra term added to a classification loss: not with loss='none' "
+                         "or orthogonal PGD")
     if cfg.orthogonal is not None:
         if not callable(getattr(extra, "scores", None)):
             raise ValueError("orthogonal PGD needs extra = a detector score with a scores(logits, features) method")

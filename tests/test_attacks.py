@@ -288,6 +288,8 @@ def test_term_after_hit_keeps_the_lambda_zero_success(colour_model):
     assert torch.equal(gated[~gated_success], plain[~gated_success])  # never hit: the λ = 0 path
     assert not torch.equal(gated[gated_success], plain[gated_success])  # after the hit, the term acts
     assert float((gated - images).abs().max()) <= spec.eps + 1e-6
+    with pytest.raises(ValueError, match="term_after_hit"):
+        run_attack(model, images, targets, spec, extra=anchor, loss="none", term_after_hit=True, **kwargs)
 
 
 @pytest.mark.parametrize("method", ["I_FGSM", "PGD", "MI_FGSM", "DI_FGSM", "TI_FGSM", "CW"])
