@@ -17,7 +17,13 @@ set A, docs/PROTOCOL.md §6) it measures, per kept mixture layer l, with the pap
    normalised mean of each layer over its held-out scale). Both are minimised, so cos < 0 means
    that lowering the term raises the classification loss: a layer *blocks* at λ (``--lamda``)
    when its median cosine is negative and λ·‖g_l‖ > ‖g_cls‖ (median ratio); ``lamda_no_block``
-   is the largest λ at which no layer blocks (min over negative-cosine layers of 1/ratio).
+   is the largest λ at which no layer blocks (min over negative-cosine layers of 1/ratio);
+3. per layer, the median over images of the mean squared per-channel z-score of the pooled
+   feature to the class's training mean (``z2``: the clean images to their own class, the base and
+   HFC AEs to the target class; each channel in units of its own training standard deviation,
+   floored as ``get_GMM.py --reg-scale channel`` floors it). It is what a detector that z-scores
+   each channel (the SVM) sees, and what the term does not see when the mixtures' scalar
+   regulariser swamps the low-variance channels: AEs the term calls typical can stay far out here.
 
     python diagnose_hfc.py -a resnet50 --dataset APTOS --attack I_FGSM_Linf_1 -y 8 --hfc hfc_M8_lamauto
 
@@ -42,6 +48,7 @@ import aesets
 import attacks
 import cli
 import evaluation
+import features
 import gmm
 import hfc
 import runs
@@ -51,6 +58,7 @@ import utils
 DEFAULT_KAPPA = 0.0  # the margin's κ for --class-loss margin, as gmm_attack.py
 POINTS = ("clean", "base", "hfc")  # where on the attack path the gradients are taken
 TERM_ROWS = ("clean_own", "clean_target", "base_target", "hfc_target", "heldout_scale")
+Z2_ROWS = ("clean_own", "base_target", "hfc_target")  # z2: which images, under which class's training statistics
 FORMS = ("paper", "normalised")
 JSON_FILE, MD_FILE, PNG_FILE = "diagnosis.json", "diagnosis.md", "diagnosis.png"
 
@@ -222,6 +230,33 @@ def budget_reach(model, clean: np.ndarray, targets: np.ndarray, eps: float, batc
             "below_one": int((ratio < 1).sum())}
 
 
+def channel_statistics(train_pooled: list[np.ndarray], train_labels: np.ndarray, layers: list[int],
+                       classes: list[int]) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+    """Per (layer, class): the training mean of each channel and its standard deviation, the
+    variance floored at ``gmm.CHANNEL_VARIANCE_FLOOR`` of the mean variance (dead channels)."""
+    stats = {}
+    for layer in layers:
+        for cls in classes:
+            X = np.asarray(train_pooled[layer][train_labels == cls], dtype=np.float64)
+            variance = X.var(axis=0)
+            floor = gmm.CHANNEL_VARIANCE_FLOOR * variance.mean()
+            stats[(layer, cls)] = X.mean(axis=0), np.sqrt(np.maximum(variance, floor) + 1e-24)
+    return stats
+
+
+def standardised_distance(pooled: list[np.ndarray], classes: np.ndarray, layers: list[int],
+                          stats: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """N×L: per image and layer, mean over channels of ((f − mean_c) / std_c)² under the
+    statistics of the image's class in ``classes``."""
+    out = np.empty((len(classes), len(layers)))
+    for j, layer in enumerate(layers):
+        features = np.asarray(pooled[layer], dtype=np.float64)
+        for i, cls in enumerate(classes):
+            mean, std = stats[(layer, int(cls))]
+            out[i, j] = np.mean(np.square((features[i] - mean) / std))
+    return out
+
+
 # ----------------------------------------------------------------------------------- the summary
 
 def _median(values: np.ndarray) -> np.ndarray:
@@ -257,8 +292,9 @@ def stage_of(model, layers: list[int]) -> list[str]:
 
 
 def summarise(model, mixtures: gmm.Mixtures, term: hfc.HFCTerm, measured: dict[str, Any], targets: np.ndarray,
-              lamda: float) -> dict[str, Any]:
-    """The per-layer medians, cosines, ratios and blocking flags, and the summary over layers."""
+              lamda: float, z2: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """The per-layer medians, cosines, ratios and blocking flags, and the summary over layers;
+    ``z2`` ({row of Z2_ROWS: N×L}, ``standardised_distance``) adds each layer's median z²."""
     layers = term.layers
     points = [p for p in POINTS if p in measured]
     heldout = np.array([[mixtures.scales[(layer, int(t))] for layer in layers] for t in targets])
@@ -275,6 +311,7 @@ def summarise(model, mixtures: gmm.Mixtures, term: hfc.HFCTerm, measured: dict[s
         per = measured[p]
         fractions[p] = ((per.cosine < 0) & (lamda * per.ratio > 1)).mean(0)
     stages = stage_of(model, layers)
+    z2_medians = {row: _median(values) for row, values in (z2 or {}).items()}
     rows = []
     for j, layer in enumerate(layers):
         rows.append({
@@ -282,7 +319,8 @@ def summarise(model, mixtures: gmm.Mixtures, term: hfc.HFCTerm, measured: dict[s
             "median_term": {row: (_num(medians[row][j]) if row in medians else None) for row in TERM_ROWS},
             "cosine": {p: _num(cosines[p][j]) for p in points}, "ratio": {p: _num(ratios[p][j]) for p in points},
             "blocks": {p: bool(flags[p][j]) for p in points},
-            "block_fraction": {p: float(fractions[p][j]) for p in points}})
+            "block_fraction": {p: float(fractions[p][j]) for p in points},
+            "z2": {row: _num(z2_medians[row][j]) for row in Z2_ROWS if row in z2_medians}})
     whole = {form: {"cosine": {p: _num(_median(measured[p].term_cosine[form])) for p in points},
                     "ratio": {p: _num(_median(measured[p].term_ratio[form])) for p in points}} for form in FORMS}
     summary = {
@@ -336,14 +374,17 @@ def format_markdown(diagnosis: dict[str, Any]) -> str:
         out.append(f"| {stage} | {len(group)} | " + " | ".join(sums) + " | " + " | ".join(blocks) + " |")
     out.append(f"| all | {len(layers)} | " + " | ".join(_g(summary["sum_median_term"][r]) for r in rows) + " | "
                + " | ".join(str(len(summary["blocking_layers"][p])) for p in points) + " |")
-    out += ["", "Per layer:", "",
-            "| layer | C | " + " | ".join(rows) + " | " + " | ".join(f"cos {p}" for p in points) + " | "
+    z2_rows = [row for row in Z2_ROWS if layers and row in layers[0].get("z2", {})]
+    out += ["", "Per layer (z² …: median mean squared per-channel z-score to the class's training mean):", "",
+            "| layer | C | " + " | ".join(rows) + " | " + " | ".join(f"z² {row}" for row in z2_rows)
+            + (" | " if z2_rows else "") + " | ".join(f"cos {p}" for p in points) + " | "
             + " | ".join(f"ratio {p}" for p in points) + " | blocks |",
-            "|" + "---|" * (3 + len(rows) + 2 * len(points))]
+            "|" + "---|" * (3 + len(rows) + len(z2_rows) + 2 * len(points))]
     for r in layers:
         blocks = ",".join(p for p in points if r["blocks"][p]) or "-"
         out.append(f"| {r['name']} | {r['channels']} | " + " | ".join(_g(r["median_term"][row]) for row in rows)
-                   + " | " + " | ".join(_g(r["cosine"][p]) for p in points) + " | "
+                   + " | " + " | ".join(_g(r["z2"][row]) for row in z2_rows) + (" | " if z2_rows else "")
+                   + " | ".join(_g(r["cosine"][p]) for p in points) + " | "
                    + " | ".join(_g(r["ratio"][p]) for p in points) + f" | {blocks} |")
     return "\n".join(out) + "\n"
 
@@ -468,6 +509,15 @@ def run(config: Config) -> dict:
     measured = measure(model, term, scale_table(mixtures, term.layers), images, labels, targets,
                        loss=engine["loss"], kappa=engine["kappa"], batch_size=config.batch_size)
     reach = budget_reach(model, images["clean"], targets, spec.eps, config.batch_size)
+    train = features.part_features(run_, model, "train", device, config.batch_size)
+    stats = channel_statistics(train.pooled, train.labels, term.layers, mixtures.classes)
+    z2 = {}
+    for row, point, classes in (("clean_own", "clean", labels), ("base_target", "base", targets),
+                                ("hfc_target", "hfc", targets)):
+        if point in images:
+            pooled = features.extract(model, torch.from_numpy(images[point]), device, config.batch_size,
+                                      progress=False).pooled
+            z2[row] = standardised_distance(pooled, classes, term.layers, stats)
     seconds = time.perf_counter() - started
     diagnosis = {
         "dataset": run_.dataset, "arch": config.arch, "attack": spec.name, "epsilon_256": spec.eps_256,
@@ -476,7 +526,7 @@ def run(config: Config) -> dict:
         "class_loss": config.class_loss, "loss": engine["loss"],
         "kappa": engine["kappa"] if engine["loss"] == "cw" else None, "lamda": config.lamda,
         "success": success, "n_layers": len(term.layers), "reach": reach,
-        **summarise(model, mixtures, term, measured, targets, config.lamda), "seconds": round(seconds, 2)}
+        **summarise(model, mixtures, term, measured, targets, config.lamda, z2), "seconds": round(seconds, 2)}
 
     out = config.out_dir(run_)
     with utils.replacing_dir(out) as staging:
@@ -499,6 +549,11 @@ def run(config: Config) -> dict:
               f"{_g(summary['term_cosine']['normalised'][p])} (normalised); {len(blocking_layers)} layers block at "
               f"λ = {config.lamda:g}; " + ("no layer has a negative cosine" if summary["lamda_no_block"][p] is None
                                             else f"none blocks for λ ≤ {_g(summary['lamda_no_block'][p])}"))
+    last = diagnosis["layers"][-1]
+    print(f"  {last['name']}: median term " + ", ".join(
+        f"{row} {_g(last['median_term'][row])}" for row in ("clean_own", "base_target", "hfc_target")
+        if last["median_term"][row] is not None) + "; median per-channel z² " + ", ".join(
+        f"{row} {_g(value)}" for row, value in last["z2"].items()))
     print(f"  -> {out}")
     return diagnosis
 

@@ -12,9 +12,11 @@ import torch
 
 import aesets
 import attacks
+import datasets
 import diagnose_hfc
 import evaluation
 import extract_features
+import features
 import gen_base_adv
 import get_GMM
 import gmm
@@ -132,6 +134,7 @@ def test_diagnosis_of_a_tiny_run(pipeline, monkeypatch, capsys):
     assert set(rec["outputs"]) == {"diagnosis.md", "diagnosis.png"} and rec["settings"]["limit"] == 8
 
     mixtures = gmm.load_mixtures(pipeline / "runs_synthetic" / "resnet18" / "gmm_M2")
+    model, _ = saver.load_model(pipeline / "runs_synthetic" / "resnet18")
     assert [r["layer"] for r in saved["layers"]] == mixtures.layers and saved["n_layers"] == len(mixtures.layers)
     targets = base["targets"][eval_pos[:8]]
     for row in saved["layers"]:
@@ -145,6 +148,22 @@ def test_diagnosis_of_a_tiny_run(pipeline, monkeypatch, capsys):
             cos, ratio = row["cosine"][p], row["ratio"][p]
             assert -1 <= cos <= 1 and ratio >= 0 and 0 <= row["block_fraction"][p] <= 1
             assert row["blocks"][p] == (cos < 0 and saved["lamda"] * ratio > 1)
+    # z²: each layer's median of the mean squared per-channel z-score, recomputed here from the
+    # training features for the base AEs under their target class
+    train_images, train_labels = datasets.load_part(pipeline / "runs_synthetic" / "resnet18", "train")
+    train = features.extract(model, train_images, "cpu", progress=False)
+    adv = features.extract(model, torch.from_numpy(base["adv"][eval_pos[:8]]), "cpu", progress=False)
+    for row in saved["layers"]:
+        assert set(row["z2"]) == set(diagnose_hfc.Z2_ROWS) and all(v >= 0 for v in row["z2"].values())
+        X, y = train.pooled[row["layer"]].astype(np.float64), train_labels.numpy()
+        values = []
+        for i, t in enumerate(targets):
+            Xt = X[y == t]
+            variance = Xt.var(0)
+            std = np.sqrt(np.maximum(variance, gmm.CHANNEL_VARIANCE_FLOOR * variance.mean()) + 1e-24)
+            values.append(np.mean(((adv.pooled[row["layer"]][i] - Xt.mean(0)) / std) ** 2))
+        assert row["z2"]["base_target"] == pytest.approx(np.median(values), rel=1e-5)
+    assert "z² base_target" in md
     summary = saved["summary"]
     assert set(summary) == {"sum_median_term", "blocking_layers", "lamda_no_block", "term_cosine", "term_ratio",
                             "zero_class_gradient"}
@@ -162,7 +181,6 @@ def test_diagnosis_of_a_tiny_run(pipeline, monkeypatch, capsys):
     assert sums["clean_own"] < sums["base_target"] and sums["hfc_target"] < sums["base_target"]
 
     # the budget's first-order reach at the same clean images, as attacks.first_order_reach gives it
-    model, _ = saver.load_model(pipeline / "runs_synthetic" / "resnet18")
     margins, reach = attacks.first_order_reach(model, torch.from_numpy(base["clean"][eval_pos[:8]]), targets,
                                                attacks.parse_attack(ATTACK).eps)
     ratio = reach / margins
