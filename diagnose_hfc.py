@@ -232,15 +232,13 @@ def budget_reach(model, clean: np.ndarray, targets: np.ndarray, eps: float, batc
 
 def channel_statistics(train_pooled: list[np.ndarray], train_labels: np.ndarray, layers: list[int],
                        classes: list[int]) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
-    """Per (layer, class): the training mean of each channel and its standard deviation, the
-    variance floored at ``gmm.CHANNEL_VARIANCE_FLOOR`` of the mean variance (dead channels)."""
+    """Per (layer, class): the training mean of each channel and its standard deviation in the
+    units of ``get_GMM.py --reg-scale channel`` (``gmm.channel_std``)."""
     stats = {}
     for layer in layers:
         for cls in classes:
             X = np.asarray(train_pooled[layer][train_labels == cls], dtype=np.float64)
-            variance = X.var(axis=0)
-            floor = gmm.CHANNEL_VARIANCE_FLOOR * variance.mean()
-            stats[(layer, cls)] = X.mean(axis=0), np.sqrt(np.maximum(variance, floor) + 1e-24)
+            stats[(layer, cls)] = X.mean(axis=0), gmm.channel_std(X)
     return stats
 
 

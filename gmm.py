@@ -193,14 +193,21 @@ def params_from_sklearn(model, X: np.ndarray, reg_covar: float | None = None,
     return params
 
 
+def channel_std(X: np.ndarray) -> np.ndarray:
+    """Each channel's standard deviation over the rows of ``X``, its variance floored at
+    ``CHANNEL_VARIANCE_FLOOR`` of the mean variance (dead channels), never 0: the units of
+    ``reg_scale="channel"`` (and of diagnose_hfc.py's per-channel z-scores)."""
+    variance = np.asarray(X, dtype=np.float64).var(axis=0)
+    return np.sqrt(np.maximum(variance, CHANNEL_VARIANCE_FLOOR * variance.mean()) + 1e-24)
+
+
 def _fit_one(X: np.ndarray, kind: str, n_components: int, reg_covar_rel: float, max_iter: int,
              random_state: int, reg_scale: str = "mean") -> MixtureParams:
     """Fit one mixture (a joblib job: top-level, so process workers can run it)."""
     start = time.perf_counter()
     X = np.asarray(X, dtype=np.float64)  # float32 Cholesky factors of near-singular covariances break
     if reg_scale == "channel":
-        variance = X.var(axis=0)
-        std = np.sqrt(np.maximum(variance, CHANNEL_VARIANCE_FLOOR * variance.mean()) + 1e-24)
+        std = channel_std(X)
         params = _fit_one(X / std, kind, n_components, reg_covar_rel, max_iter, random_state)
         # Back to the features' units: μ = μ_z·s and L = diag(1/s)·L_z (still upper triangular), so
         # ‖(f − μ)L‖ = ‖(f/s − μ_z)L_z‖ and the log-density gains −Σ log s.

@@ -233,8 +233,7 @@ def run(config: Config) -> dict:
     if lam is None:
         # λ is chosen on A_fit images that are not then attacked and scored (with --images fit the
         # attacked ones are A_fit's first, so the tuning images come after them).
-        scored_pos = set(attacked_pos.tolist())
-        tune = np.array([pos for pos in sets["fit"] if pos not in scored_pos], dtype=np.int64)[:config.tune_images]
+        tune = sets["fit"][~np.isin(sets["fit"], attacked_pos)][:config.tune_images]
         if len(tune) == 0:
             raise utils.UserError(f"--lamda auto needs A_fit images that are not attacked; with --images fit "
                                   f"attack fewer than all {len(sets['fit'])} (--limit)")
