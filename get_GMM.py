@@ -50,6 +50,9 @@ class Config(cli.RunConfig):
                               "scalar per fit) or channel (each channel's own variance: the fit is made on "
                               "features divided by their per-channel standard deviation, so channels with a "
                               "small clean variance are not swamped by the regulariser)", choices=gmm.REG_SCALES)
+    covariance: str = cli.flag("full", "each component's covariance: full (the paper's) or diag (one variance per "
+                               "channel, estimated in every direction; --reg-covar then only floors the variances)",
+                               choices=gmm.COVARIANCES)
     max_iter: int = cli.flag(gmm.DEFAULT_MAX_ITER, "EM / variational iterations per fit", check=cli.at_least(1))
     min_samples_per_component: int = cli.flag(gmm.DEFAULT_MIN_SAMPLES_PER_COMPONENT,
                                               "clamp M to n_samples // this per fit", check=cli.at_least(1))
@@ -79,7 +82,7 @@ def run(config: Config) -> dict:
     mixtures = gmm.fit_mixtures(
         feats.pooled, labels.numpy(), layers, config.num_component, kind=config.kind, seed=config.seed,
         n_jobs=jobs, classes=range(model.num_classes), reg_covar=config.reg_covar, reg_scale=config.reg_scale,
-        max_iter=config.max_iter,
+        covariance=config.covariance, max_iter=config.max_iter,
         min_samples_per_component=config.min_samples_per_component, layer_names=model.layer_names,
         layer_channels=model.layer_channels, max_channels=config.max_channels)
 

@@ -64,6 +64,10 @@ REG_SCALES = ("mean", "channel")  # reg_covar relative to the mean variance, or 
 CHANNEL_VARIANCE_FLOOR = 1e-2
 DEFAULT_MIN_SAMPLES_PER_COMPONENT = 4
 KINDS = ("bayesian", "em")
+# Each component's covariance: full (the paper's) or diagonal (one variance per channel: with a few
+# dozen samples per component in up to 2048 dimensions it is estimated from the data in every
+# direction instead of being left to the regulariser).
+COVARIANCES = ("full", "diag")
 MIXTURES_NAME = "mixtures.npz"
 SUMMARY_NAME = "summary.json"
 _REG_RETRIES = 4  # a fit whose covariance is not positive definite is retried with 10x reg_covar
@@ -160,21 +164,24 @@ def _bayesian_log_prior(model, n_features: int) -> np.ndarray:
     return log_weights - 0.5 * n_features * np.log(dof) + 0.5 * (log_lambda - n_features / model.mean_precision_)
 
 
-def _make_estimator(kind: str, n_components: int, reg_covar: float, max_iter: int, random_state: int):
+def _make_estimator(kind: str, n_components: int, reg_covar: float, max_iter: int, random_state: int,
+                    covariance: str = "full"):
     from sklearn.mixture import BayesianGaussianMixture, GaussianMixture
 
     cls = BayesianGaussianMixture if kind == "bayesian" else GaussianMixture
-    return cls(n_components=n_components, covariance_type="full", reg_covar=reg_covar,
+    return cls(n_components=n_components, covariance_type=covariance, reg_covar=reg_covar,
                max_iter=max_iter, random_state=random_state)
 
 
 def params_from_sklearn(model, X: np.ndarray, reg_covar: float | None = None,
                         seconds: float = 0.0) -> MixtureParams:
-    """Copy a fitted scikit-learn (Bayesian)GaussianMixture with full covariance into plain arrays."""
+    """Copy a fitted scikit-learn (Bayesian)GaussianMixture with full or diagonal covariance into
+    plain arrays (a diagonal factor is stored as the diagonal M×C×C matrix, so that every consumer
+    scores both kinds the same way; scikit-learn's Bayesian log-density has the same form for both)."""
     from sklearn.mixture import BayesianGaussianMixture
 
-    if model.covariance_type != "full":
-        raise ValueError("only covariance_type='full' mixtures are supported")
+    if model.covariance_type not in COVARIANCES:
+        raise ValueError(f"only covariance_type in {COVARIANCES} mixtures are supported")
     n_features = model.means_.shape[1]
     if isinstance(model, BayesianGaussianMixture):
         log_prior = _bayesian_log_prior(model, n_features)
@@ -183,7 +190,8 @@ def params_from_sklearn(model, X: np.ndarray, reg_covar: float | None = None,
             log_prior = np.log(model.weights_)
     params = MixtureParams(
         means=np.array(model.means_, dtype=np.float64),
-        prec_chol=np.array(model.precisions_cholesky_, dtype=np.float64),
+        prec_chol=(np.array(model.precisions_cholesky_, dtype=np.float64) if model.covariance_type == "full"
+                   else np.stack([np.diag(row) for row in np.asarray(model.precisions_cholesky_, np.float64)])),
         weights=np.array(model.weights_, dtype=np.float64),
         log_prior=np.asarray(log_prior, dtype=np.float64),
         avg_log_likelihood=0.0, converged=bool(model.converged_), n_iter=int(model.n_iter_),
@@ -202,13 +210,13 @@ def channel_std(X: np.ndarray) -> np.ndarray:
 
 
 def _fit_one(X: np.ndarray, kind: str, n_components: int, reg_covar_rel: float, max_iter: int,
-             random_state: int, reg_scale: str = "mean") -> MixtureParams:
+             random_state: int, reg_scale: str = "mean", covariance: str = "full") -> MixtureParams:
     """Fit one mixture (a joblib job: top-level, so process workers can run it)."""
     start = time.perf_counter()
     X = np.asarray(X, dtype=np.float64)  # float32 Cholesky factors of near-singular covariances break
     if reg_scale == "channel":
         std = channel_std(X)
-        params = _fit_one(X / std, kind, n_components, reg_covar_rel, max_iter, random_state)
+        params = _fit_one(X / std, kind, n_components, reg_covar_rel, max_iter, random_state, covariance=covariance)
         # Back to the features' units: μ = μ_z·s and L = diag(1/s)·L_z (still upper triangular), so
         # ‖(f − μ)L‖ = ‖(f/s − μ_z)L_z‖ and the log-density gains −Σ log s.
         params.means = params.means * std
@@ -219,7 +227,7 @@ def _fit_one(X: np.ndarray, kind: str, n_components: int, reg_covar_rel: float, 
     # The regulariser scales with the data (module docstring); the floor covers dead (all-zero) layers.
     reg = max(reg_covar_rel * float(X.var(axis=0).mean()), 1e-8)
     for attempt in range(_REG_RETRIES):
-        model = _make_estimator(kind, n_components, reg, max_iter, random_state)
+        model = _make_estimator(kind, n_components, reg, max_iter, random_state, covariance)
         try:
             model.fit(X)
             break
@@ -245,7 +253,7 @@ class Mixtures:
                  min_samples_per_component: int = DEFAULT_MIN_SAMPLES_PER_COMPONENT,
                  max_channels: int | None = None, fit_seconds: float = 0.0,
                  scales: dict[tuple[int, int], float] | None = None, scale_info: dict | None = None,
-                 reg_scale: str = "mean"):
+                 reg_scale: str = "mean", covariance: str = "full"):
         self.params = params
         self.layers = [int(layer) for layer in layers]
         self.classes = [int(c) for c in classes]
@@ -256,6 +264,7 @@ class Mixtures:
         self.seed = int(seed)
         self.reg_covar = float(reg_covar)
         self.reg_scale = reg_scale
+        self.covariance = covariance
         self.max_iter = int(max_iter)
         self.min_samples_per_component = int(min_samples_per_component)
         self.max_channels = max_channels
@@ -315,7 +324,8 @@ class Mixtures:
         lls = [f["avg_log_likelihood"] for f in fits]
         return {
             "kind": self.kind, "num_components": self.num_components, "seed": self.seed,
-            "reg_covar_relative": self.reg_covar, "reg_scale": self.reg_scale, "max_iter": self.max_iter,
+            "reg_covar_relative": self.reg_covar, "reg_scale": self.reg_scale,
+            "covariance": self.covariance, "max_iter": self.max_iter,
             "min_samples_per_component": self.min_samples_per_component,
             "max_channels": self.max_channels, "classes": self.classes, "layers": self.layers,
             "layer_names": self.layer_names, "layer_channels": self.layer_channels,
@@ -414,6 +424,7 @@ def load_mixtures(folder: str | Path, hint: str = "run get_GMM.py first") -> Mix
                         layer_channels=summary.get("layer_channels"), seed=summary.get("seed", 0),
                         reg_covar=summary.get("reg_covar_relative", DEFAULT_REG_COVAR),
                         reg_scale=summary.get("reg_scale", "mean"),
+                        covariance=summary.get("covariance", "full"),
                         max_iter=summary.get("max_iter", DEFAULT_MAX_ITER),
                         min_samples_per_component=summary.get("min_samples_per_component",
                                                               DEFAULT_MIN_SAMPLES_PER_COMPONENT),
@@ -458,7 +469,7 @@ def fit_mixtures(pooled_by_layer: Sequence[np.ndarray], labels: np.ndarray, laye
                  min_samples_per_component: int = DEFAULT_MIN_SAMPLES_PER_COMPONENT,
                  layer_names: Sequence[str] | None = None, layer_channels: Sequence[int] | None = None,
                  max_channels: int | None = None, backend: str = "threading",
-                 progress: bool = True, reg_scale: str = "mean") -> Mixtures:
+                 progress: bool = True, reg_scale: str = "mean", covariance: str = "full") -> Mixtures:
     """Fit one mixture per (kept layer, class) on the pooled training features, in parallel.
 
     ``pooled_by_layer[l]`` is the N×C_l array of layer l (all hierarchical layers, indexed like the
@@ -466,7 +477,8 @@ def fit_mixtures(pooled_by_layer: Sequence[np.ndarray], labels: np.ndarray, laye
     (see ``select_layers``); ``classes`` defaults to ``0..max(label)``. ``kind`` is "bayesian"
     (``BayesianGaussianMixture``, the paper) or "em" (``GaussianMixture``). ``reg_covar`` is
     relative to the mean per-channel variance of each fit's data (``reg_scale="mean"``) or to each
-    channel's own variance (``"channel"``, module docstring). Jobs run largest-first on
+    channel's own variance (``"channel"``, module docstring). ``covariance`` is each component's:
+    "full" (the paper's) or "diag" (one variance per channel). Jobs run largest-first on
     ``n_jobs`` joblib workers (``backend``: "threading", the default, or "loky" processes),
     with a progress bar.
     """
@@ -479,6 +491,8 @@ def fit_mixtures(pooled_by_layer: Sequence[np.ndarray], labels: np.ndarray, laye
         raise UserError(f"unknown mixture kind {kind!r}; expected one of {', '.join(KINDS)}")
     if reg_scale not in REG_SCALES:
         raise UserError(f"unknown regulariser scale {reg_scale!r}; expected one of {', '.join(REG_SCALES)}")
+    if covariance not in COVARIANCES:
+        raise UserError(f"unknown covariance {covariance!r}; expected one of {', '.join(COVARIANCES)}")
     if num_components < 1:
         raise UserError(f"number of components must be >= 1, got {num_components}")
     labels = np.asarray(labels).astype(np.int64)
@@ -498,7 +512,7 @@ def fit_mixtures(pooled_by_layer: Sequence[np.ndarray], labels: np.ndarray, laye
 
     start = time.perf_counter()
     params: dict[tuple[int, int], MixtureParams] = {}
-    tasks = [(layer, cls, X, kind, m, reg_covar, max_iter, _fit_seed(seed, layer, cls), reg_scale)
+    tasks = [(layer, cls, X, kind, m, reg_covar, max_iter, _fit_seed(seed, layer, cls), reg_scale, covariance)
              for layer, cls, X, m in jobs]
     bar = tqdm(total=len(jobs), desc=f"GMM fits ({kind}, M={num_components})", unit="fit",
                disable=not progress)
@@ -526,8 +540,8 @@ def fit_mixtures(pooled_by_layer: Sequence[np.ndarray], labels: np.ndarray, laye
                     layer_names=layer_names, layer_channels=layer_channels, seed=seed,
                     reg_covar=reg_covar, max_iter=max_iter,
                     min_samples_per_component=min_samples_per_component, max_channels=max_channels,
-                    fit_seconds=time.perf_counter() - start, reg_scale=reg_scale)
+                    fit_seconds=time.perf_counter() - start, reg_scale=reg_scale, covariance=covariance)
 
 
-def _fit_one_keyed(layer, cls, X, kind, m, reg_covar, max_iter, random_state, reg_scale="mean"):
-    return (layer, cls), _fit_one(X, kind, m, reg_covar, max_iter, random_state, reg_scale)
+def _fit_one_keyed(layer, cls, X, kind, m, reg_covar, max_iter, random_state, reg_scale="mean", covariance="full"):
+    return (layer, cls), _fit_one(X, kind, m, reg_covar, max_iter, random_state, reg_scale, covariance)

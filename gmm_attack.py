@@ -272,7 +272,8 @@ def run(config: Config) -> dict:
         class_loss=config.class_loss, kappa=config.kappa_value(), term_layers=term_layers,
         mixture_log_likelihood=loglik, images_of=part,
         mixture_settings={"reg_covar_relative": mixtures.reg_covar, "reg_scale": mixtures.reg_scale,
-                          "max_channels": mixtures.max_channels, "kind": mixtures.kind},
+                          "max_channels": mixtures.max_channels, "kind": mixtures.kind,
+                          "covariance": mixtures.covariance},
         seconds={"choose_lamda": tune_seconds, "attack": attack_seconds,
                  "attack_per_image": attack_seconds / len(attacked_pos), "score": score_seconds},
         # The process's CPU time: on a CPU it does not grow when other jobs share the cores, so

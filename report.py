@@ -204,6 +204,8 @@ def _hfc_label(results: dict[str, Any]) -> str:
         parts.append(", after hit")
     if (results.get("mixture_settings") or {}).get("reg_scale", "mean") != "mean":
         parts.append(f", {results['mixture_settings']['reg_scale']} reg")
+    if (results.get("mixture_settings") or {}).get("covariance", "full") != "full":
+        parts.append(f", {results['mixture_settings']['covariance']} cov")
     return "".join(parts) + f", λ {settings.get('lamda', results.get('lamda'))})"
 
 

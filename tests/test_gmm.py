@@ -159,6 +159,43 @@ def test_channel_regulariser_does_not_depend_on_channel_units(kind, tmp_path):
         gmm.fit_mixtures([X], labels, [0], 2, reg_scale="median", n_jobs=1, progress=False)
 
 
+@pytest.mark.parametrize("kind", gmm.KINDS)
+def test_diagonal_mixture_scores_as_scikit_learn_and_its_term_is_the_mean_squared_z_score(kind, tmp_path):
+    """covariance="diag": the stored (diagonal) factors reproduce scikit-learn's own log-density;
+    with one EM component the term is the mean squared per-channel z-score to the class mean, which
+    a held-out sample of the same distribution puts near 1 where the full covariance's does not."""
+    from sklearn.mixture import BayesianGaussianMixture, GaussianMixture
+
+    rng = np.random.default_rng(11)
+    C = 40
+    X = rng.normal(size=(60, C)) * np.exp(rng.normal(size=C))  # fewer samples than a full fit needs
+    labels = np.zeros(len(X), dtype=np.int64)
+    fitted = gmm.fit_mixtures([X], labels, [0], 2, kind=kind, covariance="diag", n_jobs=1, progress=False, seed=3)
+    params = fitted[(0, 0)]
+    assert params.prec_chol.shape == (2, C, C) and not np.any(params.prec_chol - np.stack(
+        [np.diag(np.diagonal(m)) for m in params.prec_chol]))
+    cls = BayesianGaussianMixture if kind == "bayesian" else GaussianMixture
+    reference = cls(n_components=2, covariance_type="diag", reg_covar=params.reg_covar, max_iter=gmm.DEFAULT_MAX_ITER,
+                    random_state=gmm._fit_seed(3, 0, 0)).fit(X)
+    probe = rng.normal(size=(9, C))
+    np.testing.assert_allclose(params.log_likelihood(probe), reference.score_samples(probe), rtol=1e-8)
+
+    held_out = rng.normal(size=(400, C)) * X.std(0)  # the training distribution, new samples
+    one = gmm.fit_mixtures([X], labels, [0], 1, kind="em", covariance="diag", n_jobs=1, progress=False)[(0, 0)]
+    z2 = np.square((probe - X.mean(0)) / np.sqrt(X.var(0) + one.reg_covar)).mean(1)
+    np.testing.assert_allclose(one.chosen_term(probe), z2, rtol=1e-8)
+    full = gmm.fit_mixtures([X], labels, [0], 1, kind="em", n_jobs=1, progress=False)[(0, 0)]
+    assert np.median(one.chosen_term(held_out)) < 1.5
+    assert np.median(full.chosen_term(held_out)) > 1.5 * np.median(one.chosen_term(held_out))
+
+    fitted.save(tmp_path)
+    loaded = gmm.load_mixtures(tmp_path)
+    assert loaded.covariance == "diag" and loaded.summary()["covariance"] == "diag"
+    np.testing.assert_allclose(loaded[(0, 0)].chosen_term(probe), params.chosen_term(probe), rtol=1e-10)
+    with pytest.raises(gmm.UserError, match="covariance"):
+        gmm.fit_mixtures([X], labels, [0], 2, covariance="tied", n_jobs=1, progress=False)
+
+
 @pytest.fixture(scope="module")
 def fitted():
     """Mixtures of two layers and three classes (one with fewer components: padding)."""
