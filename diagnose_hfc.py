@@ -2,7 +2,7 @@
 classification loss, layer by layer (docs/PROTOCOL.md §7).
 
 For the first ``--limit`` images of A_eval (the protocol's evaluation part of the base attack's
-set A, docs/PROTOCOL.md §6) it measures, per kept mixture layer l, with the paper's per-layer term
+set A, docs/PROTOCOL.md §6; A_fit with ``--images fit``, to look at a setting chosen there) it measures, per kept mixture layer l, with the paper's per-layer term
 ``term_l = (1/C)‖(f_l − μ_k*) L_k*‖²`` (``hfc.HFCTerm.layer_values``):
 
 1. the median term of the clean images under their own class's mixture (``clean_own``) and under
@@ -23,11 +23,14 @@ set A, docs/PROTOCOL.md §6) it measures, per kept mixture layer l, with the pap
    HFC AEs to the target class; each channel in units of its own training standard deviation,
    floored as ``get_GMM.py --reg-scale channel`` floors it). It is what a detector that z-scores
    each channel (the SVM) sees, and what the term does not see when the mixtures' scalar
-   regulariser swamps the low-variance channels: AEs the term calls typical can stay far out here.
+   regulariser swamps the low-variance channels: AEs the term calls typical can stay far out here;
+   and the same rows' median mean Euclidean distance to the 10 nearest training features of the
+   class (``knn``): the kernel density's view, in the features' own units, where the
+   high-variance channels dominate.
 
     python diagnose_hfc.py -a resnet50 --dataset APTOS --attack I_FGSM_Linf_1 -y 8 --hfc hfc_M8_lamauto
 
-Writes ``runs_<DATASET>/<arch>/<ATTACK>/diagnosis_M<y>/``: diagnosis.json (every layer, the
+Writes ``runs_<DATASET>/<arch>/<ATTACK>/diagnosis_M<y>/`` (``diagnosis_M<y>_imgfit/`` for A_fit): diagnosis.json (every layer, the
 summary and the stage's record), diagnosis.md (per stage and per layer tables) and
 diagnosis.png (the per-layer medians, log scale; the per-layer cosines at the base AE).
 """
@@ -58,7 +61,9 @@ import utils
 DEFAULT_KAPPA = 0.0  # the margin's κ for --class-loss margin, as gmm_attack.py
 POINTS = ("clean", "base", "hfc")  # where on the attack path the gradients are taken
 TERM_ROWS = ("clean_own", "clean_target", "base_target", "hfc_target", "heldout_scale")
-Z2_ROWS = ("clean_own", "base_target", "hfc_target")  # z2: which images, under which class's training statistics
+Z2_ROWS = ("clean_own", "base_target", "hfc_target")  # z2 and knn: which images, under which class's training features
+KNN_NEIGHBOURS = 10  # knn: mean Euclidean distance to this many nearest training features of the class
+PARTS = {"eval": "A_eval", "fit": "A_fit"}
 FORMS = ("paper", "normalised")
 JSON_FILE, MD_FILE, PNG_FILE = "diagnosis.json", "diagnosis.md", "diagnosis.png"
 
@@ -70,7 +75,9 @@ class Config(cli.RunConfig):
                                   short="-y", check=cli.at_least(1))
     hfc_set: str | None = cli.flag(None, "HFC results folder under the attack's folder whose AEs are diagnosed too "
                                          "(e.g. hfc_M8_lamauto; default: none)", cli_name="hfc")
-    limit: int = cli.flag(32, "diagnose the first N images of A_eval", check=cli.at_least(1))
+    images: str = cli.flag("eval", "the part of A diagnosed: eval (A_eval, the protocol's) or fit (A_fit, whose "
+                           "first images gmm_attack.py --images fit --limit N attacks)", choices=tuple(PARTS))
+    limit: int = cli.flag(32, "diagnose the first N images of the part", check=cli.at_least(1))
     class_loss: str = cli.flag("base", "classification loss whose gradient the term's is compared with: base "
                                "(the method's own: CE, or CW's margin) or margin (max_j≠t z_j − z_t clamped at −κ)",
                                choices=hfc.CLASS_LOSSES)
@@ -84,7 +91,8 @@ class Config(cli.RunConfig):
         return DEFAULT_KAPPA if self.kappa is None and self.class_loss == "margin" else self.kappa
 
     def out_dir(self, run: runs.Run) -> Path:
-        return run.ae_dir(attacks.parse_attack(self.attack).name) / f"diagnosis_M{self.num_component}"
+        suffix = "" if self.images == "eval" else f"_img{self.images}"
+        return run.ae_dir(attacks.parse_attack(self.attack).name) / f"diagnosis_M{self.num_component}{suffix}"
 
 
 def main(argv=None) -> dict:
@@ -255,6 +263,25 @@ def standardised_distance(pooled: list[np.ndarray], classes: np.ndarray, layers:
     return out
 
 
+def nearest_distance(pooled: list[np.ndarray], classes: np.ndarray, layers: list[int], train_pooled: list[np.ndarray],
+                     train_labels: np.ndarray, k: int = KNN_NEIGHBOURS) -> np.ndarray:
+    """N×L: per image and layer, the mean Euclidean distance to the ``k`` nearest training features
+    of the image's class in ``classes``: the view of the kernel density (KD), which weighs every
+    channel in the features' own units, so the high-variance channels dominate."""
+    out = np.empty((len(classes), len(layers)))
+    for j, layer in enumerate(layers):
+        features_ = np.asarray(pooled[layer], dtype=np.float64)
+        train = np.asarray(train_pooled[layer], dtype=np.float64)
+        for cls in np.unique(classes):
+            reference = train[train_labels == cls]
+            rows = np.flatnonzero(classes == cls)
+            squared = (np.square(features_[rows]).sum(1)[:, None] - 2 * features_[rows] @ reference.T
+                       + np.square(reference).sum(1)[None, :])
+            nearest = np.sort(np.sqrt(np.maximum(squared, 0.0)), axis=1)[:, :min(k, len(reference))]
+            out[rows, j] = nearest.mean(1)
+    return out
+
+
 # ----------------------------------------------------------------------------------- the summary
 
 def _median(values: np.ndarray) -> np.ndarray:
@@ -290,9 +317,11 @@ def stage_of(model, layers: list[int]) -> list[str]:
 
 
 def summarise(model, mixtures: gmm.Mixtures, term: hfc.HFCTerm, measured: dict[str, Any], targets: np.ndarray,
-              lamda: float, z2: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+              lamda: float, z2: dict[str, np.ndarray] | None = None,
+              knn: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """The per-layer medians, cosines, ratios and blocking flags, and the summary over layers;
-    ``z2`` ({row of Z2_ROWS: N×L}, ``standardised_distance``) adds each layer's median z²."""
+    ``z2`` ({row of Z2_ROWS: N×L}, ``standardised_distance``) adds each layer's median z², and
+    ``knn`` (the same rows, ``nearest_distance``) its median distance to the nearest training features."""
     layers = term.layers
     points = [p for p in POINTS if p in measured]
     heldout = np.array([[mixtures.scales[(layer, int(t))] for layer in layers] for t in targets])
@@ -310,6 +339,7 @@ def summarise(model, mixtures: gmm.Mixtures, term: hfc.HFCTerm, measured: dict[s
         fractions[p] = ((per.cosine < 0) & (lamda * per.ratio > 1)).mean(0)
     stages = stage_of(model, layers)
     z2_medians = {row: _median(values) for row, values in (z2 or {}).items()}
+    knn_medians = {row: _median(values) for row, values in (knn or {}).items()}
     rows = []
     for j, layer in enumerate(layers):
         rows.append({
@@ -318,7 +348,8 @@ def summarise(model, mixtures: gmm.Mixtures, term: hfc.HFCTerm, measured: dict[s
             "cosine": {p: _num(cosines[p][j]) for p in points}, "ratio": {p: _num(ratios[p][j]) for p in points},
             "blocks": {p: bool(flags[p][j]) for p in points},
             "block_fraction": {p: float(fractions[p][j]) for p in points},
-            "z2": {row: _num(z2_medians[row][j]) for row in Z2_ROWS if row in z2_medians}})
+            "z2": {row: _num(z2_medians[row][j]) for row in Z2_ROWS if row in z2_medians},
+            "knn": {row: _num(knn_medians[row][j]) for row in Z2_ROWS if row in knn_medians}})
     whole = {form: {"cosine": {p: _num(_median(measured[p].term_cosine[form])) for p in points},
                     "ratio": {p: _num(_median(measured[p].term_ratio[form])) for p in points}} for form in FORMS}
     summary = {
@@ -350,7 +381,7 @@ def format_markdown(diagnosis: dict[str, Any]) -> str:
     rows = [r for r in TERM_ROWS if summary["sum_median_term"][r] is not None]
     lam = diagnosis["lamda"]
     out = [f"**HFC diagnosis: {diagnosis['dataset']} / {diagnosis['arch']} / {diagnosis['attack']}, "
-           f"M = {diagnosis['num_component']}, {diagnosis['n_images']} images of A_eval, class loss "
+           f"M = {diagnosis['num_component']}, {diagnosis['n_images']} images of {diagnosis.get('images_of', 'A_eval')}, class loss "
            f"{diagnosis['class_loss']} ({diagnosis['loss']}), λ = {lam:g}"
            + (f", HFC set {diagnosis['hfc_set']}" if diagnosis["hfc_set"] else "") + "**", "",
            *_reach_lines(diagnosis.get("reach"), diagnosis["n_images"]),
@@ -373,15 +404,20 @@ def format_markdown(diagnosis: dict[str, Any]) -> str:
     out.append(f"| all | {len(layers)} | " + " | ".join(_g(summary["sum_median_term"][r]) for r in rows) + " | "
                + " | ".join(str(len(summary["blocking_layers"][p])) for p in points) + " |")
     z2_rows = [row for row in Z2_ROWS if layers and row in layers[0].get("z2", {})]
-    out += ["", "Per layer (z² …: median mean squared per-channel z-score to the class's training mean):", "",
+    knn_rows = [row for row in Z2_ROWS if layers and row in layers[0].get("knn", {})]
+    out += ["", ("Per layer (z² …: median mean squared per-channel z-score to the class's training mean; knn …: "
+                 f"median mean Euclidean distance to the {KNN_NEIGHBOURS} nearest training features of the class):"),
+            "",
             "| layer | C | " + " | ".join(rows) + " | " + " | ".join(f"z² {row}" for row in z2_rows)
-            + (" | " if z2_rows else "") + " | ".join(f"cos {p}" for p in points) + " | "
+            + (" | " if z2_rows else "") + " | ".join(f"knn {row}" for row in knn_rows)
+            + (" | " if knn_rows else "") + " | ".join(f"cos {p}" for p in points) + " | "
             + " | ".join(f"ratio {p}" for p in points) + " | blocks |",
-            "|" + "---|" * (3 + len(rows) + len(z2_rows) + 2 * len(points))]
+            "|" + "---|" * (3 + len(rows) + len(z2_rows) + len(knn_rows) + 2 * len(points))]
     for r in layers:
         blocks = ",".join(p for p in points if r["blocks"][p]) or "-"
         out.append(f"| {r['name']} | {r['channels']} | " + " | ".join(_g(r["median_term"][row]) for row in rows)
                    + " | " + " | ".join(_g(r["z2"][row]) for row in z2_rows) + (" | " if z2_rows else "")
+                   + " | ".join(_g(r.get("knn", {}).get(row)) for row in knn_rows) + (" | " if knn_rows else "")
                    + " | ".join(_g(r["cosine"][p]) for p in points) + " | "
                    + " | ".join(_g(r["ratio"][p]) for p in points) + f" | {blocks} |")
     return "\n".join(out) + "\n"
@@ -458,7 +494,8 @@ def _hfc_folder(config: Config, run_: runs.Run, attack: str) -> Path:
 
 
 def run(config: Config) -> dict:
-    """Measure the term and its gradient geometry on A_eval's first images; returns diagnosis.json."""
+    """Measure the term and its gradient geometry on the first images of A_eval (or A_fit); returns
+    diagnosis.json."""
     spec = attacks.parse_attack(config.attack)
     if spec.method == "Noise":
         raise utils.UserError(f"--attack must be an attack, not the noise set {spec.name}")
@@ -473,10 +510,11 @@ def run(config: Config) -> dict:
     runs.require_fresh(attack_dir / aesets.SUMMARY_FILE, {"checkpoint": run_.checkpoint}, f"AE set {spec.name}",
                        run_.hint("attack", f"--attack {spec.name}", when="again"))
     mixtures = evaluation.load_fresh_mixtures(run_, config.num_component, need_scales=True)
-    _, eval_pos = evaluation.fit_eval_split(len(base["index"]))
+    part = PARTS[config.images]
+    eval_pos = dict(zip(("fit", "eval"), evaluation.fit_eval_split(len(base["index"]))))[config.images]
     eval_pos = eval_pos[:config.limit]
     if len(eval_pos) < 1:
-        raise utils.UserError(f"A_eval of {attack_dir} is empty; attack more images with gen_base_adv.py")
+        raise utils.UserError(f"{part} of {attack_dir} is empty; attack more images with gen_base_adv.py")
     inputs = {"checkpoint": run_.checkpoint, "attack_set": attack_dir / aesets.AE_FILE,
               "mixtures": run_.mixtures_dir(config.num_component) / runs.MIXTURES}
     images = {"clean": base["clean"][eval_pos], "base": base["adv"][eval_pos]}
@@ -487,11 +525,11 @@ def run(config: Config) -> dict:
         hfc_set = aesets.load_ae_set(folder, hint=run_.hint("hfc", f"--attack {spec.name} -y {config.num_component}"))
         position = {int(i): p for p, i in enumerate(hfc_set["index"])}
         held = [position.get(int(i)) for i in base["index"][eval_pos]]
-        if None in held:  # gmm_attack.py --limit N attacks the first N images of A_eval
+        if None in held:  # gmm_attack.py --limit N attacks the first N images of the part
             have = held.index(None)
             remedy = (f"pass --limit {have}" if have else
                       run_.hint("hfc", f"--attack {spec.name} -y {config.num_component}", when="again"))
-            raise utils.UserError(f"the HFC set {folder} holds {have} of the first {len(held)} images of A_eval; "
+            raise utils.UserError(f"the HFC set {folder} holds {have} of the first {len(held)} images of {part}; "
                                   f"{remedy}")
         images["hfc"] = hfc_set["adv"][held]
         success["hfc"] = float(hfc_set["success"][held].mean())
@@ -509,22 +547,23 @@ def run(config: Config) -> dict:
     reach = budget_reach(model, images["clean"], targets, spec.eps, config.batch_size)
     train = features.part_features(run_, model, "train", device, config.batch_size)
     stats = channel_statistics(train.pooled, train.labels, term.layers, mixtures.classes)
-    z2 = {}
+    z2, knn = {}, {}
     for row, point, classes in (("clean_own", "clean", labels), ("base_target", "base", targets),
                                 ("hfc_target", "hfc", targets)):
         if point in images:
             pooled = features.extract(model, torch.from_numpy(images[point]), device, config.batch_size,
                                       progress=False).pooled
             z2[row] = standardised_distance(pooled, classes, term.layers, stats)
+            knn[row] = nearest_distance(pooled, classes, term.layers, train.pooled, train.labels)
     seconds = time.perf_counter() - started
     diagnosis = {
         "dataset": run_.dataset, "arch": config.arch, "attack": spec.name, "epsilon_256": spec.eps_256,
         "num_component": config.num_component, "hfc_set": hfc_name, "hfc": hfc_info,
-        "images_of": "A_eval", "n_images": len(eval_pos), "index": base["index"][eval_pos].tolist(),
+        "images_of": part, "n_images": len(eval_pos), "index": base["index"][eval_pos].tolist(),
         "class_loss": config.class_loss, "loss": engine["loss"],
         "kappa": engine["kappa"] if engine["loss"] == "cw" else None, "lamda": config.lamda,
         "success": success, "n_layers": len(term.layers), "reach": reach,
-        **summarise(model, mixtures, term, measured, targets, config.lamda, z2), "seconds": round(seconds, 2)}
+        **summarise(model, mixtures, term, measured, targets, config.lamda, z2, knn), "seconds": round(seconds, 2)}
 
     out = config.out_dir(run_)
     with utils.replacing_dir(out) as staging:
@@ -534,7 +573,7 @@ def run(config: Config) -> dict:
                                           [staging / MD_FILE, staging / PNG_FILE], folder=staging)
         utils.write_json(staging / JSON_FILE, diagnosis)
     summary = diagnosis["summary"]
-    print(f"HFC diagnosis of {len(eval_pos)} A_eval images, {len(term.layers)} layers, M = {config.num_component}, "
+    print(f"HFC diagnosis of {len(eval_pos)} {part} images, {len(term.layers)} layers, M = {config.num_component}, "
           f"class loss {config.class_loss} ({engine['loss']}), {seconds:.0f} s")
     print(f"  budget's first-order reach at the clean images: ε‖∇m‖₁ / margin median {reach['ratio_median']:.3g} "
           f"(10 % quantile {reach['ratio_q10']:.3g}; margin {reach['margin_median']:.3g}); "
@@ -551,7 +590,8 @@ def run(config: Config) -> dict:
     print(f"  {last['name']}: median term " + ", ".join(
         f"{row} {_g(last['median_term'][row])}" for row in ("clean_own", "base_target", "hfc_target")
         if last["median_term"][row] is not None) + "; median per-channel z² " + ", ".join(
-        f"{row} {_g(value)}" for row, value in last["z2"].items()))
+        f"{row} {_g(value)}" for row, value in last["z2"].items()) + f"; median distance to the {KNN_NEIGHBOURS} "
+        "nearest training features " + ", ".join(f"{row} {_g(value)}" for row, value in last["knn"].items()))
     print(f"  -> {out}")
     return diagnosis
 

@@ -163,7 +163,13 @@ def test_diagnosis_of_a_tiny_run(pipeline, monkeypatch, capsys):
             std = np.sqrt(np.maximum(variance, gmm.CHANNEL_VARIANCE_FLOOR * variance.mean()) + 1e-24)
             values.append(np.mean(((adv.pooled[row["layer"]][i] - Xt.mean(0)) / std) ** 2))
         assert row["z2"]["base_target"] == pytest.approx(np.median(values), rel=1e-5)
-    assert "z² base_target" in md
+        # knn: the mean Euclidean distance to the nearest training features of the target class
+        assert set(row["knn"]) == set(diagnose_hfc.Z2_ROWS) and all(v > 0 for v in row["knn"].values())
+        k = diagnose_hfc.KNN_NEIGHBOURS
+        nearest = [np.sort(np.linalg.norm(X[y == t] - adv.pooled[row["layer"]][i].astype(np.float64), axis=1))[:k].mean()
+                   for i, t in enumerate(targets)]
+        assert row["knn"]["base_target"] == pytest.approx(np.median(nearest), rel=1e-4)
+    assert "z² base_target" in md and "knn base_target" in md
     summary = saved["summary"]
     assert set(summary) == {"sum_median_term", "blocking_layers", "lamda_no_block", "term_cosine", "term_ratio",
                             "zero_class_gradient"}
@@ -189,6 +195,22 @@ def test_diagnosis_of_a_tiny_run(pipeline, monkeypatch, capsys):
                                             "ratio_median": np.median(ratio), "ratio_q10": np.quantile(ratio, 0.1),
                                             "below_one": int((ratio < 1).sum())})
     assert "first-order reach" in md
+
+
+def test_diagnosis_of_a_fit_images(pipeline, monkeypatch, capsys):
+    """--images fit: the first images of A_fit, in their own folder; A_eval's diagnosis is kept."""
+    monkeypatch.chdir(pipeline)
+    attack_dir = pipeline / "runs_synthetic" / "resnet18" / ATTACK
+    before = {p.name: p.read_bytes() for p in (attack_dir / "diagnosis_M2").glob("*")} \
+        if (attack_dir / "diagnosis_M2").is_dir() else {}
+    diagnose_hfc.main(COMMON + ["--attack", ATTACK, "-y", "2", "--limit", "4", "--images", "fit", "-b", "4"])
+    saved = json.loads((attack_dir / "diagnosis_M2_imgfit" / "diagnosis.json").read_text())
+    base = aesets.load_ae_set(attack_dir)
+    fit_pos, _ = evaluation.fit_eval_split(len(base["index"]))
+    assert saved["images_of"] == "A_fit" and saved["index"] == base["index"][fit_pos[:4]].tolist()
+    assert "HFC diagnosis of 4 A_fit images" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in (attack_dir / "diagnosis_M2").glob("*")} == before
+    shutil.rmtree(attack_dir / "diagnosis_M2_imgfit")  # the module's pipeline is shared with the refusal test
 
 
 def _strict_json(path):
