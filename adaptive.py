@@ -37,7 +37,7 @@ REDUCTIONS = ("sum", "mean")
 
 
 def _pairwise_sq(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """B×R squared Euclidean distances (expanded form, clipped at 0 like detectors._squared_distances)."""
+    """B×R squared Euclidean distances (expanded form, clipped at 0 like detectors.squared_distances)."""
     sq = x.square().sum(1, keepdim=True) + y.square().sum(1)[None, :] - 2.0 * (x @ y.T)
     return sq.clamp_min(0.0)
 

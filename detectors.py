@@ -145,7 +145,7 @@ def resolve_layers(spec, model, num_layers: int, *, conv_only: bool = False) -> 
     return chosen
 
 
-def _squared_distances(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+def squared_distances(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Pairwise squared Euclidean distances in float64 (clipped at 0 against rounding)."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     sq = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * (x @ y.T)
@@ -306,7 +306,7 @@ def gaussian_kde_log_density(points: np.ndarray, samples: np.ndarray, bandwidth:
     norm = -math.log(m) - 0.5 * dim * math.log(2.0 * math.pi * bandwidth ** 2)
     out = np.empty(len(points))
     for part in batches(len(points), chunk):
-        sq = _squared_distances(points[part], samples)
+        sq = squared_distances(points[part], samples)
         out[part] = logsumexp(-sq / (2.0 * bandwidth ** 2), axis=1) + norm
     return out
 
@@ -481,7 +481,7 @@ def lid_mle(query: np.ndarray, reference: np.ndarray, k: int, exclude_self: bool
     ``−((1/k) Σ_i log(d_i / d_k))^(−1)``. ``exclude_self``: query row i *is* reference row i,
     which is then not counted as its own neighbour. Zero distances (duplicates) are clamped to
     1e-12 and the mean log to at most −1e-12, so the estimate stays finite."""
-    dist = np.sqrt(_squared_distances(query, reference))
+    dist = np.sqrt(squared_distances(query, reference))
     if exclude_self:
         np.fill_diagonal(dist, np.inf)
     available = dist.shape[1] - (1 if exclude_self else 0)
@@ -724,7 +724,7 @@ class SVM(Detector):
         z = self._standardised(feats)
         out = np.empty(len(z))
         for part in batches(len(z), 512):
-            kernel = np.exp(-self.gamma_ * _squared_distances(z[part], self.support_))
+            kernel = np.exp(-self.gamma_ * squared_distances(z[part], self.support_))
             out[part] = kernel @ self.dual_coef_ + self.intercept_[0]
         return out
 

@@ -50,6 +50,7 @@ from tqdm import tqdm
 import aesets
 import attacks
 import cli
+import detectors
 import evaluation
 import features
 import gmm
@@ -61,7 +62,7 @@ import utils
 DEFAULT_KAPPA = 0.0  # the margin's κ for --class-loss margin, as gmm_attack.py
 POINTS = ("clean", "base", "hfc")  # where on the attack path the gradients are taken
 TERM_ROWS = ("clean_own", "clean_target", "base_target", "hfc_target", "heldout_scale")
-Z2_ROWS = ("clean_own", "base_target", "hfc_target")  # z2 and knn: which images, under which class's training features
+DISTANCE_ROWS = ("clean_own", "base_target", "hfc_target")  # z2 and knn: which images, under which class's training features
 KNN_NEIGHBOURS = 10  # knn: mean Euclidean distance to this many nearest training features of the class
 PARTS = {"eval": "A_eval", "fit": "A_fit"}
 FORMS = ("paper", "normalised")
@@ -266,18 +267,16 @@ def standardised_distance(pooled: list[np.ndarray], classes: np.ndarray, layers:
 def nearest_distance(pooled: list[np.ndarray], classes: np.ndarray, layers: list[int], train_pooled: list[np.ndarray],
                      train_labels: np.ndarray, k: int = KNN_NEIGHBOURS) -> np.ndarray:
     """N×L: per image and layer, the mean Euclidean distance to the ``k`` nearest training features
-    of the image's class in ``classes``: the view of the kernel density (KD), which weighs every
-    channel in the features' own units, so the high-variance channels dominate."""
+    of the image's class in ``classes`` (``detectors.squared_distances``, as KD's kernel): the view of
+    the kernel density, which weighs every channel in the features' own units, so the high-variance
+    channels dominate."""
     out = np.empty((len(classes), len(layers)))
     for j, layer in enumerate(layers):
-        features_ = np.asarray(pooled[layer], dtype=np.float64)
-        train = np.asarray(train_pooled[layer], dtype=np.float64)
         for cls in np.unique(classes):
-            reference = train[train_labels == cls]
+            reference = train_pooled[layer][train_labels == cls]
             rows = np.flatnonzero(classes == cls)
-            squared = (np.square(features_[rows]).sum(1)[:, None] - 2 * features_[rows] @ reference.T
-                       + np.square(reference).sum(1)[None, :])
-            nearest = np.sort(np.sqrt(np.maximum(squared, 0.0)), axis=1)[:, :min(k, len(reference))]
+            nearest = np.sort(np.sqrt(detectors.squared_distances(pooled[layer][rows], reference)),
+                              axis=1)[:, :min(k, len(reference))]
             out[rows, j] = nearest.mean(1)
     return out
 
@@ -320,7 +319,7 @@ def summarise(model, mixtures: gmm.Mixtures, term: hfc.HFCTerm, measured: dict[s
               lamda: float, z2: dict[str, np.ndarray] | None = None,
               knn: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """The per-layer medians, cosines, ratios and blocking flags, and the summary over layers;
-    ``z2`` ({row of Z2_ROWS: N×L}, ``standardised_distance``) adds each layer's median z², and
+    ``z2`` ({row of DISTANCE_ROWS: N×L}, ``standardised_distance``) adds each layer's median z², and
     ``knn`` (the same rows, ``nearest_distance``) its median distance to the nearest training features."""
     layers = term.layers
     points = [p for p in POINTS if p in measured]
@@ -348,8 +347,8 @@ def summarise(model, mixtures: gmm.Mixtures, term: hfc.HFCTerm, measured: dict[s
             "cosine": {p: _num(cosines[p][j]) for p in points}, "ratio": {p: _num(ratios[p][j]) for p in points},
             "blocks": {p: bool(flags[p][j]) for p in points},
             "block_fraction": {p: float(fractions[p][j]) for p in points},
-            "z2": {row: _num(z2_medians[row][j]) for row in Z2_ROWS if row in z2_medians},
-            "knn": {row: _num(knn_medians[row][j]) for row in Z2_ROWS if row in knn_medians}})
+            "z2": {row: _num(z2_medians[row][j]) for row in DISTANCE_ROWS if row in z2_medians},
+            "knn": {row: _num(knn_medians[row][j]) for row in DISTANCE_ROWS if row in knn_medians}})
     whole = {form: {"cosine": {p: _num(_median(measured[p].term_cosine[form])) for p in points},
                     "ratio": {p: _num(_median(measured[p].term_ratio[form])) for p in points}} for form in FORMS}
     summary = {
@@ -403,8 +402,8 @@ def format_markdown(diagnosis: dict[str, Any]) -> str:
         out.append(f"| {stage} | {len(group)} | " + " | ".join(sums) + " | " + " | ".join(blocks) + " |")
     out.append(f"| all | {len(layers)} | " + " | ".join(_g(summary["sum_median_term"][r]) for r in rows) + " | "
                + " | ".join(str(len(summary["blocking_layers"][p])) for p in points) + " |")
-    z2_rows = [row for row in Z2_ROWS if layers and row in layers[0].get("z2", {})]
-    knn_rows = [row for row in Z2_ROWS if layers and row in layers[0].get("knn", {})]
+    z2_rows = [row for row in DISTANCE_ROWS if layers and row in layers[0].get("z2", {})]
+    knn_rows = [row for row in DISTANCE_ROWS if layers and row in layers[0].get("knn", {})]
     out += ["", ("Per layer (z² …: median mean squared per-channel z-score to the class's training mean; knn …: "
                  f"median mean Euclidean distance to the {KNN_NEIGHBOURS} nearest training features of the class):"),
             "",
@@ -417,7 +416,7 @@ def format_markdown(diagnosis: dict[str, Any]) -> str:
         blocks = ",".join(p for p in points if r["blocks"][p]) or "-"
         out.append(f"| {r['name']} | {r['channels']} | " + " | ".join(_g(r["median_term"][row]) for row in rows)
                    + " | " + " | ".join(_g(r["z2"][row]) for row in z2_rows) + (" | " if z2_rows else "")
-                   + " | ".join(_g(r.get("knn", {}).get(row)) for row in knn_rows) + (" | " if knn_rows else "")
+                   + " | ".join(_g(r["knn"][row]) for row in knn_rows) + (" | " if knn_rows else "")
                    + " | ".join(_g(r["cosine"][p]) for p in points) + " | "
                    + " | ".join(_g(r["ratio"][p]) for p in points) + f" | {blocks} |")
     return "\n".join(out) + "\n"

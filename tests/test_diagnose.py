@@ -154,7 +154,7 @@ def test_diagnosis_of_a_tiny_run(pipeline, monkeypatch, capsys):
     train = features.extract(model, train_images, "cpu", progress=False)
     adv = features.extract(model, torch.from_numpy(base["adv"][eval_pos[:8]]), "cpu", progress=False)
     for row in saved["layers"]:
-        assert set(row["z2"]) == set(diagnose_hfc.Z2_ROWS) and all(v >= 0 for v in row["z2"].values())
+        assert set(row["z2"]) == set(diagnose_hfc.DISTANCE_ROWS) and all(v >= 0 for v in row["z2"].values())
         X, y = train.pooled[row["layer"]].astype(np.float64), train_labels.numpy()
         values = []
         for i, t in enumerate(targets):
@@ -164,7 +164,7 @@ def test_diagnosis_of_a_tiny_run(pipeline, monkeypatch, capsys):
             values.append(np.mean(((adv.pooled[row["layer"]][i] - Xt.mean(0)) / std) ** 2))
         assert row["z2"]["base_target"] == pytest.approx(np.median(values), rel=1e-5)
         # knn: the mean Euclidean distance to the nearest training features of the target class
-        assert set(row["knn"]) == set(diagnose_hfc.Z2_ROWS) and all(v > 0 for v in row["knn"].values())
+        assert set(row["knn"]) == set(diagnose_hfc.DISTANCE_ROWS) and all(v > 0 for v in row["knn"].values())
         k = diagnose_hfc.KNN_NEIGHBOURS
         nearest = [np.sort(np.linalg.norm(X[y == t] - adv.pooled[row["layer"]][i].astype(np.float64), axis=1))[:k].mean()
                    for i, t in enumerate(targets)]
