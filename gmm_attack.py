@@ -115,6 +115,11 @@ class Config(TermAttackConfig):
                                            "the target: until then it follows the λ = 0 attack's path, so its "
                                            "success is at least the λ = 0 control's (with the default latest "
                                            "successful iterate)")
+    lamda_fallback: str = cli.flag("", "per-image λ fallback: a comma list of factors in [0, 1), decreasing (e.g. "
+                                   "0.3,0.1,0.03,0.01,0); an image the attack at λ never takes to its target is "
+                                   "attacked again from its clean image at λ times each factor in turn, until it "
+                                   "is (default: none, the paper's one λ for every image)",
+                                   check=lambda text: _fallback_error(text))
     term: str = cli.flag(DEFAULT_TERM, "form of the HFC term: paper (the sum over layers of ‖(f − μ)L‖²/C), "
                                        "normalised (each layer divided by its held-out clean median from "
                                        "get_GMM.py, averaged over layers), hinged (normalised, each layer "
@@ -147,7 +152,7 @@ class Config(TermAttackConfig):
 
     def results_dir(self, run: runs.Run) -> Path:
         """``<ATTACK>/hfc_<key>``: M and λ as asked, plus every key setting that differs from its default."""
-        variant = {short: str(getattr(self, name)).replace(",", "+") if name == "hfc_layers" else getattr(self, name)
+        variant = {short: str(getattr(self, name)).replace(",", "+") if name in LIST_FIELDS else getattr(self, name)
                    for name, short in VARIANT_FIELDS.items() if getattr(self, name) != getattr(Config, name)}
         if self.detector == self.attack:
             variant.pop("det", None)
@@ -160,9 +165,21 @@ class Config(TermAttackConfig):
 
 # The settings that change the HFC AEs or their scoring, by the short name they add to the folder.
 VARIANT_FIELDS = {"step_size": "a", "steps": "T", "last_iterate": "last", "term_after_hit": "afterhit",
+                  "lamda_fallback": "fb",
                   "detector": "det", "term": "term",
                   "class_loss": "loss", "kappa": "kappa", "exemplars": "ex", "hfc_layers": "layers",
                   "images": "img"}
+
+
+LIST_FIELDS = ("hfc_layers", "lamda_fallback")  # comma lists: "+" in the folder name
+
+
+def _fallback_error(text: str) -> str | None:
+    try:
+        hfc.lamda_fallback_factors(text)
+    except utils.UserError as error:
+        return str(error).removeprefix("--lamda-fallback ")
+    return None
 
 
 def main(argv=None) -> dict:
@@ -245,11 +262,14 @@ def run(config: Config) -> dict:
 
     timer, timer_cpu = time.perf_counter(), time.process_time()
     clean = base["clean"][attacked_pos]
-    adv, success = hfc.hfc_attack(model, term, torch.from_numpy(clean), base["targets"][attacked_pos], spec,
-                                  lam=lam, **attack_kwargs)
+    fallback = hfc.lamda_fallback_factors(config.lamda_fallback)
+    adv, success, image_lamdas = hfc.hfc_attack_with_fallback(model, term, torch.from_numpy(clean),
+                                                              base["targets"][attacked_pos], spec, lam=lam,
+                                                              fallback=fallback, **attack_kwargs)
     attack_seconds, attack_cpu = time.perf_counter() - timer, time.process_time() - timer_cpu
     meta = {"attack": spec.name, "hfc": True, "dataset": run_.dataset, "arch": config.arch,
-            "num_component": config.num_component, "lamda": lam, "step_size_256": step_256, "steps": steps,
+            "num_component": config.num_component, "lamda": lam, "lamda_fallback": fallback,
+            "step_size_256": step_256, "steps": steps,
             "keep_successful": not config.last_iterate, "term_after_hit": config.term_after_hit,
             "term": config.term, "class_loss": config.class_loss,
             "kappa": config.kappa_value(), "term_layers": term_layers, "seed": config.seed, "images_of": part}
@@ -266,6 +286,7 @@ def run(config: Config) -> dict:
         epsilon_256=spec.eps_256, n_eval=len(attacked_pos), success=scored.success, detectors=scored.table,
         **scored.summary_fields(), lamda=lam, lamda_rule=lamda_rule, lamda_trials=trials,
         lamda_tune_index=base["index"][tune].tolist(),
+        lamda_fallback=fallback, lamda_per_image=image_lamdas.tolist(),
         num_component=config.num_component,
         step_size_256=step_256, steps=steps, keep_successful=not config.last_iterate,
         term_after_hit=config.term_after_hit, term=config.term,
@@ -296,6 +317,7 @@ def run(config: Config) -> dict:
           f"M = {config.num_component}, α = {step_256:g}/256, T = {steps}; "
           f"mean mixture log-likelihood of AE features: base {loglik['base']:.1f}, HFC {loglik['hfc']:.1f}; "
           f"attack {attack_seconds:.0f} s ({attack_seconds / len(attacked_pos):.2f} s/image)"
+          + (f"; λ fallback: {int(np.sum(image_lamdas != lam))} image(s) below λ" if fallback else "")
           + (f"; choosing λ took {tune_seconds / attack_seconds:.2f}× the attack's wall time, "
              f"{tune_cpu / max(attack_cpu, 1e-9):.2f}× its CPU time" if config.lamda.lower() == "auto" else "")
           + f" -> {out}")

@@ -305,6 +305,48 @@ def hfc_attack(model, term: HFCTerm | None, images: torch.Tensor, targets: np.nd
     return adv[restore], success[restore]
 
 
+def lamda_fallback_factors(text: str) -> list[float]:
+    """The factors of ``--lamda-fallback`` ("" = none): numbers in [0, 1), strictly decreasing;
+    UserError otherwise."""
+    try:
+        factors = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--lamda-fallback must be a comma list of numbers, got {text!r}") from None
+    if any(not 0.0 <= f < 1.0 for f in factors) or any(b >= a for a, b in zip(factors, factors[1:])):
+        raise UserError(f"--lamda-fallback must list factors in [0, 1), each smaller than the one before, "
+                        f"got {text!r}")
+    return factors
+
+
+def hfc_attack_with_fallback(model, term: HFCTerm | None, images: torch.Tensor, targets: np.ndarray,
+                             spec: attacks.AttackSpec, *, lam: float, fallback: Sequence[float] = (),
+                             progress: bool = True, **attack_kwargs
+                             ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """``hfc_attack`` at λ, then a per-image λ fallback: each image whose attack never reached its
+    target is attacked again from its clean image at λ·f, for each factor f of ``fallback`` in
+    turn, until it does (ending with f = 0 makes the success that of the λ = 0 attack at the same
+    schedule). It is the downward half of CW's per-image search for its constant: an image the term
+    keeps from its target gets the largest weight, of those tried, at which it is reached, and the
+    images that hit at λ keep their AEs. Returns (adv, success, the λ each image's AE was made
+    with); an image that no weight takes to its target keeps its attack at λ, with λ."""
+    adv, success = hfc_attack(model, term, images, targets, spec, lam=lam, progress=progress, **attack_kwargs)
+    targets = np.asarray(targets, dtype=np.int64)
+    weights = np.full(len(images), float(lam))
+    for factor in fallback if lam > 0 else ():
+        missed = np.flatnonzero(~success.numpy())
+        if len(missed) == 0:
+            break
+        if progress:
+            print(f"λ fallback: {len(missed)} image(s) missed at λ = {lam:g}; attacking them at λ = {lam * factor:g}")
+        retry, hit = hfc_attack(model, term, images[torch.from_numpy(missed)], targets[missed], spec,
+                                lam=lam * factor, progress=progress, **attack_kwargs)
+        taken = missed[hit.numpy()]
+        adv[torch.from_numpy(taken)] = retry[hit]
+        success[torch.from_numpy(taken)] = True
+        weights[taken] = lam * factor
+    return adv, success, weights
+
+
 def choose_lambda(model, term: HFCTerm, images: torch.Tensor, targets: np.ndarray, spec, *,
                   grid: Sequence[float], min_success: float, refine: bool = True,
                   chunk: int = TRIAL_CHUNK, **attack_kwargs) -> tuple[float, list[dict], str]:

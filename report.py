@@ -202,6 +202,8 @@ def _hfc_label(results: dict[str, Any]) -> str:
         parts.append(f", {settings['class_loss']} κ {results.get('kappa')}")
     if settings.get("term_after_hit"):
         parts.append(", after hit")
+    if settings.get("lamda_fallback"):
+        parts.append(", λ fallback")
     if (results.get("mixture_settings") or {}).get("reg_scale", "mean") != "mean":
         parts.append(f", {results['mixture_settings']['reg_scale']} reg")
     if (results.get("mixture_settings") or {}).get("covariance", "full") != "full":

@@ -1,12 +1,14 @@
 """The L∞ attack engine: names, budget/range, determinism, success, extra terms, torchattacks parity."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import attacks
+import hfc
 from attacks import AttackSpec, parse_attack, run_attack
 from utils import UserError
 
@@ -290,6 +292,42 @@ def test_term_after_hit_keeps_the_lambda_zero_success(colour_model):
     assert float((gated - images).abs().max()) <= spec.eps + 1e-6
     with pytest.raises(ValueError, match="term_after_hit"):
         run_attack(model, images, targets, spec, extra=anchor, loss="none", term_after_hit=True, **kwargs)
+
+
+def test_lamda_fallback_attacks_again_only_the_images_that_missed(colour_model):
+    """hfc.hfc_attack_with_fallback: an image the term keeps from its target is attacked again at
+    λ·f for each factor in turn; an image that hit at λ keeps its AE and its λ. The term here turns
+    the cross-entropy around for the images of target 1 only (−λ·CE_i): at λ = 2 it drives them
+    away from their target, at λ = 0.6 it leaves 0.4·CE_i, whose signed steps are the λ = 0
+    attack's, and it never touches the others."""
+    model, images, colour = colour_model
+    images, targets = images[:24], ((colour[:24] + 1) % 3).numpy()
+    spec = AttackSpec("I_FGSM", 40.0)  # every image of target 0 hits at λ = 0, 4 of 7 of target 1, none of 2
+
+    def against_target_1(logits, features, extra_targets):
+        per_image = F.cross_entropy(logits, extra_targets, reduction="none")
+        return -(per_image * (extra_targets == 1)).mean()
+
+    kwargs = dict(step_size_256=5.0, steps=20, seed=0, batch_size=24, device="cpu", progress=False)
+    plain, plain_success = hfc.hfc_attack(model, None, images, targets, spec, lam=0.0, **kwargs)
+    to_1 = torch.from_numpy(targets == 1)
+    assert bool((plain_success & to_1).any()) and bool((plain_success & ~to_1).any())
+    assert bool((~plain_success & to_1).any()) and not bool(plain_success.all())
+    blocked, blocked_success, blocked_lamdas = hfc.hfc_attack_with_fallback(
+        model, against_target_1, images, targets, spec, lam=2.0, **kwargs)
+    assert not bool((blocked_success & to_1).any()) and np.all(blocked_lamdas == 2.0)  # no fallback: one λ
+    adv, success, lamdas = hfc.hfc_attack_with_fallback(model, against_target_1, images, targets, spec, lam=2.0,
+                                                        fallback=[0.3, 0.0], **kwargs)
+    assert torch.equal(success, plain_success) and torch.equal(adv[success], plain[success])
+    assert torch.equal(adv[~success], blocked[~success])  # no weight helped: the AE at λ stays
+    retried = (plain_success & to_1).numpy()
+    assert np.allclose(lamdas, np.where(retried, 0.6, 2.0))
+    with torch.no_grad():
+        assert torch.equal(success, model(adv).argmax(1) == torch.from_numpy(targets))
+    assert hfc.lamda_fallback_factors("0.3, 0.1,0") == [0.3, 0.1, 0.0] and hfc.lamda_fallback_factors("") == []
+    for bad in ("0.1,0.3", "1", "-0.1", "0.1,0.1", "lots"):
+        with pytest.raises(UserError, match="--lamda-fallback"):
+            hfc.lamda_fallback_factors(bad)
 
 
 @pytest.mark.parametrize("method", ["I_FGSM", "PGD", "MI_FGSM", "DI_FGSM", "TI_FGSM", "CW"])

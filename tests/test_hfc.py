@@ -543,6 +543,28 @@ def test_gmm_attack_on_the_deepest_stage_constrains_only_those_layers(pipeline, 
     assert values["deep"] < 0.8 * values["control"], values
 
 
+def test_gmm_attack_lamda_fallback_records_each_images_lamda(pipeline, monkeypatch):
+    """--lamda-fallback: the results record the factors and, per attacked image, the λ its AE was
+    made with (λ itself, or λ times a factor for an image attacked again, which then hit); its own
+    folder; the row says so; bad factors are one-line errors."""
+    monkeypatch.chdir(pipeline)
+    common = ["-a", "resnet18", "--dataset", "synthetic", "--device", "cpu", "-y", "2", "--attack", ATTACK,
+              "--limit", "12", "--lamda", "100"]
+    with pytest.raises(UserError, match="lamda-fallback"):
+        gmm_attack.main(common + ["--lamda-fallback", "0.1,0.5"])
+    results = gmm_attack.main(common + ["--lamda-fallback", "0.01,0"])
+    folder = pipeline / "runs_synthetic" / "resnet18" / ATTACK / "hfc_M2_lam100_fb0.01+0"
+    assert (folder / "results.json").is_file()
+    assert results["lamda_fallback"] == [0.01, 0.0] and results["record"]["settings"]["lamda_fallback"] == "0.01,0"
+    lamdas = np.array(results["lamda_per_image"])
+    success = aesets.load_ae_set(folder)["success"]
+    assert len(lamdas) == 12 and set(lamdas) <= {100.0, 1.0, 0.0}
+    assert success[lamdas < 100].all()  # a smaller weight is kept only where it hit
+    assert results["success"]["hfc"] == pytest.approx(success.mean())
+    assert "λ fallback" in report.summary_rows(results, "run", with_base=False)[0][1]
+    print(f"λ = 100 with fallback: {np.unique(lamdas, return_counts=True)}, success {success.mean():.2f}")
+
+
 def test_gmm_attack_on_a_fit_attacks_those_images_and_keeps_them_apart(pipeline, monkeypatch):
     """--images fit: the attack and the scores are on A_fit's images (for choosing a setting without
     A_eval), in their own folder, and the results say which part they are of."""
