@@ -337,7 +337,8 @@ def hfc_attack_with_fallback(model, term: HFCTerm | None, images: torch.Tensor, 
         if len(missed) == 0:
             break
         if progress:
-            print(f"λ fallback: {len(missed)} image(s) missed at λ = {lam:g}; attacking them at λ = {lam * factor:g}")
+            print(f"λ fallback: {len(missed)} image(s) not taken to their target yet; attacking them again "
+                  f"at λ = {lam * factor:g}")
         retry, hit = hfc_attack(model, term, images[torch.from_numpy(missed)], targets[missed], spec,
                                 lam=lam * factor, progress=progress, **attack_kwargs)
         taken = missed[hit.numpy()]
