@@ -119,7 +119,7 @@ class Config(TermAttackConfig):
                                    "0.3,0.1,0.03,0.01,0); an image the attack at λ never takes to its target is "
                                    "attacked again from its clean image at λ times each factor in turn, until it "
                                    "is (default: none, the paper's one λ for every image)",
-                                   check=lambda text: _fallback_error(text))
+                                   check=hfc.lamda_fallback_problem)
     term: str = cli.flag(DEFAULT_TERM, "form of the HFC term: paper (the sum over layers of ‖(f − μ)L‖²/C), "
                                        "normalised (each layer divided by its held-out clean median from "
                                        "get_GMM.py, averaged over layers), hinged (normalised, each layer "
@@ -172,14 +172,6 @@ VARIANT_FIELDS = {"step_size": "a", "steps": "T", "last_iterate": "last", "term_
 
 
 LIST_FIELDS = ("hfc_layers", "lamda_fallback")  # comma lists: "+" in the folder name
-
-
-def _fallback_error(text: str) -> str | None:
-    try:
-        hfc.lamda_fallback_factors(text)
-    except utils.UserError as error:
-        return str(error).removeprefix("--lamda-fallback ")
-    return None
 
 
 def main(argv=None) -> dict:

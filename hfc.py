@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 import attacks
+import cli
 import gmm
 from utils import UserError
 
@@ -305,17 +306,24 @@ def hfc_attack(model, term: HFCTerm | None, images: torch.Tensor, targets: np.nd
     return adv[restore], success[restore]
 
 
-def lamda_fallback_factors(text: str) -> list[float]:
-    """The factors of ``--lamda-fallback`` ("" = none): numbers in [0, 1), strictly decreasing;
-    UserError otherwise."""
+def lamda_fallback_problem(text: str) -> str | None:
+    """The domain of ``--lamda-fallback`` ("" = none): what is wrong with ``text``, or None when it
+    lists numbers in [0, 1), each smaller than the one before."""
     try:
-        factors = [float(v) for v in text.split(",") if v.strip()]
+        factors = cli.numbers(text)
     except ValueError:
-        raise UserError(f"--lamda-fallback must be a comma list of numbers, got {text!r}") from None
+        return f"must be a comma list of numbers, got {text!r}"
     if any(not 0.0 <= f < 1.0 for f in factors) or any(b >= a for a, b in zip(factors, factors[1:])):
-        raise UserError(f"--lamda-fallback must list factors in [0, 1), each smaller than the one before, "
-                        f"got {text!r}")
-    return factors
+        return f"must list factors in [0, 1), each smaller than the one before, got {text!r}"
+    return None
+
+
+def lamda_fallback_factors(text: str) -> list[float]:
+    """The factors of ``--lamda-fallback``; UserError when ``lamda_fallback_problem`` finds one."""
+    problem = lamda_fallback_problem(text)
+    if problem:
+        raise UserError(f"--lamda-fallback {problem}")
+    return cli.numbers(text)
 
 
 def hfc_attack_with_fallback(model, term: HFCTerm | None, images: torch.Tensor, targets: np.ndarray,
