@@ -5,6 +5,7 @@ tables are made this way; the command that made a table is printed under it):
 
     python report.py runs_synthetic/resnet50/I_FGSM_Linf_4/hfc_*/results.json --format md
     python report.py --layers MAHA runs_synthetic/resnet50/I_FGSM_Linf_4/hfc_*/results.json
+    python report.py --two-sided runs_synthetic/resnet50/I_FGSM_Linf_4/hfc_*/results.json
 """
 from __future__ import annotations
 
@@ -91,6 +92,16 @@ def mean_auc(results: dict[str, Any], row: str) -> tuple[float | None, list[floa
     return sum(aucs) / len(aucs), None
 
 
+def two_sided_mean_auc(results: dict[str, Any], row: str) -> float | None:
+    """The mean over the same detectors as ``mean_auc`` of max(AUC, 1 − AUC): each detector read
+    in the direction that separates the row best. An AUC well below 0.5 means the AEs look *more*
+    typical than benign images, which a defender who reads that tail flags as well as one above
+    0.5; the plain mean counts it as hiding. The direction is chosen on the scored row itself, so
+    this is that defender's best case, not a fitted detector (no interval)."""
+    aucs = [rows[row]["auc"] for rows in results["detectors"].values() if row in rows]
+    return sum(max(a, 1.0 - a) for a in aucs) / len(aucs) if aucs else None
+
+
 def format_table(results: dict[str, Any], fmt: str = "md") -> str:
     """The table as Markdown (``md``), CSV (``csv``) or aligned plain text (``text``)."""
     title = (f"{results['dataset']} / {results['arch']} / {results['attack']} "
@@ -169,9 +180,11 @@ def weight_rows(results: dict[str, Any], detector: str, label: str, layers: list
             + [f"{by_layer[layer]:+.2f}" if layer in by_layer else "-" for layer in layers] + [""]]
 
 
-def summary_rows(results: dict[str, Any], label: str, with_base: bool = True) -> list[list[str]]:
+def summary_rows(results: dict[str, Any], label: str, with_base: bool = True,
+                 two_sided: bool = False) -> list[list[str]]:
     """One line per row of ``results`` ("base" unless ``with_base`` is False, "hfc"): AUC per
-    detector, mean AUC, success, λ."""
+    detector, mean AUC (and with ``two_sided`` the two-sided mean, ``two_sided_mean_auc``),
+    success, λ."""
     lines = []
     # Rows scored on A_fit (gmm_attack.py --images fit) are marked: the detectors were fitted there.
     part = " [A_fit]" if results.get("images_of") == "A_fit" else ""
@@ -181,8 +194,9 @@ def summary_rows(results: dict[str, Any], label: str, with_base: bool = True) ->
         per = {name: results["detectors"].get(name, {}).get(row) for name in DETECTOR_ORDER}
         lines.append([label, (row if row == "base" else _hfc_label(results)) + part]
                      + [cell(m["auc"], m.get("auc_ci")) if m else "-" for m in per.values()]
-                     + [cell(value, interval),
-                        cell(results["success"][row], (results.get("success_ci") or {}).get(row)),
+                     + [cell(value, interval)]
+                     + ([cell(two_sided_mean_auc(results, row))] if two_sided else [])
+                     + [cell(results["success"][row], (results.get("success_ci") or {}).get(row)),
                         "-" if lam is None else f"{lam:.3g}"])
     return lines
 
@@ -242,7 +256,13 @@ def main(argv=None) -> str:
     parser.add_argument("--layers", metavar="DETECTOR", default=None,
                         help="instead of the summary, the AUC of each layer's score of this per-layer detector "
                              "(KD, LID, MAHA, DNN) beside its combined AUC")
+    parser.add_argument("--two-sided", action="store_true",
+                        help="add the two-sided mean AUC: the mean of max(AUC, 1 - AUC), each detector read in "
+                             "the direction that separates the row best (AEs more typical than benign images "
+                             "count as seen, not hidden)")
     args = parser.parse_args(argv)
+    if args.two_sided and args.layers is not None:
+        raise utils.UserError("--two-sided adds a column to the summary table, not to --layers")
     loaded = [(path, utils.read_json(path, "HFC results", "run gmm_attack.py first")) for path in args.results]
     layers: list[str] = []
     if args.layers is not None:
@@ -253,7 +273,8 @@ def main(argv=None) -> str:
             raise utils.UserError(f"no per-layer AUCs of {args.layers} in these results (per-layer detectors: "
                                   "KD, LID, MAHA, DNN)")
     lines = ([["run", "row", *layers, f"{args.layers} combined"]] if args.layers is not None
-             else [["run", "row", *DETECTOR_ORDER, "mean AUC", "success", "λ"]])
+             else [["run", "row", *DETECTOR_ORDER, "mean AUC", *(["two-sided mean AUC"] if args.two_sided else []),
+                    "success", "λ"]])
     bases_shown = set()
     for path, results in loaded:
         record = results.get("record") or {}
@@ -267,7 +288,7 @@ def main(argv=None) -> str:
                     results.get("images_of", "A_eval"))
         with_base = base_key not in bases_shown
         lines += (layer_rows(results, args.layers, label, layers, with_base) if args.layers is not None
-                  else summary_rows(results, label, with_base=with_base))
+                  else summary_rows(results, label, with_base=with_base, two_sided=args.two_sided))
         if args.layers is not None and with_base:
             lines += weight_rows(results, args.layers, label, layers, run_dir.parents[1])
         bases_shown.add(base_key)

@@ -166,3 +166,21 @@ def test_report_layers_shows_each_layers_auc_beside_the_combined_one(tmp_path):
     assert lines[3].endswith(f"| 0.170 | 0.490 | {report.cell(maha['hfc']['auc'], maha['hfc']['auc_ci'])} |")
     with pytest.raises(UserError, match="no per-layer AUCs of SVM"):
         report.main(["--layers", "SVM", str(path)])
+
+
+def test_report_two_sided_mean_reads_each_detector_in_its_separating_direction(tmp_path):
+    results = crafted(0, "auto", 0.0)
+    # HFC row: AUCs 0.30 ... 0.36, all below 0.5 -- "more typical than benign", seen from the other tail.
+    path = tmp_path / "runs_synthetic" / "resnet18" / ATTACK / "hfc_M2_lamauto" / "results.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(results))
+    hfc_aucs = [results["detectors"][name]["hfc"]["auc"] for name in SEVEN]
+    assert report.two_sided_mean_auc(results, "hfc") == pytest.approx(sum(1 - a for a in hfc_aucs) / 7)
+    assert report.two_sided_mean_auc(results, "base") == pytest.approx(results["mean_auc"]["base"])  # all > 0.5
+    table = report.main(["--two-sided", str(path)])
+    lines = [line.split(" | ") for line in table.splitlines() if line.startswith("|")]
+    assert lines[0][10] == "two-sided mean AUC" and lines[0][9] == "mean AUC"
+    assert lines[3][10] == f"{sum(1 - a for a in hfc_aucs) / 7:.3f}" != lines[3][9].split(" ")[0]
+    assert "two-sided" not in report.main([str(path)])
+    with pytest.raises(UserError, match="--two-sided adds a column"):
+        report.main(["--two-sided", "--layers", "MAHA", str(path)])
