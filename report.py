@@ -78,11 +78,16 @@ def _rows(results: dict[str, Any]) -> list[list[str]]:
     return lines
 
 
+def _row_aucs(results: dict[str, Any], row: str) -> list[float]:
+    """The AUC of ``row`` under every detector in ``results`` that scored it: what both means average."""
+    return [rows[row]["auc"] for rows in results["detectors"].values() if row in rows]
+
+
 def mean_auc(results: dict[str, Any], row: str) -> tuple[float | None, list[float] | None]:
     """The mean AUC of a row over every detector in ``results`` and its interval: the stored
     ``mean_auc`` / ``mean_auc_ci`` when they are over those same detectors, else the mean
     computed here without an interval (results.json files written before the intervals)."""
-    aucs = [rows[row]["auc"] for rows in results["detectors"].values() if row in rows]
+    aucs = _row_aucs(results, row)
     if not aucs:
         return None, None
     names = [name for name, rows in results["detectors"].items() if row in rows]
@@ -98,7 +103,7 @@ def two_sided_mean_auc(results: dict[str, Any], row: str) -> float | None:
     typical than benign images, which a defender who reads that tail flags as well as one above
     0.5; the plain mean counts it as hiding. The direction is chosen on the scored row itself, so
     this is that defender's best case, not a fitted detector (no interval)."""
-    aucs = [rows[row]["auc"] for rows in results["detectors"].values() if row in rows]
+    aucs = _row_aucs(results, row)
     return sum(max(a, 1.0 - a) for a in aucs) / len(aucs) if aucs else None
 
 

@@ -171,9 +171,7 @@ def test_report_layers_shows_each_layers_auc_beside_the_combined_one(tmp_path):
 def test_report_two_sided_mean_reads_each_detector_in_its_separating_direction(tmp_path):
     results = crafted(0, "auto", 0.0)
     # HFC row: AUCs 0.30 ... 0.36, all below 0.5 -- "more typical than benign", seen from the other tail.
-    path = tmp_path / "runs_synthetic" / "resnet18" / ATTACK / "hfc_M2_lamauto" / "results.json"
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps(results))
+    path = write(tmp_path, 0, "auto", 0.0) / "resnet18" / ATTACK / "hfc_M2_lamauto" / "results.json"
     hfc_aucs = [results["detectors"][name]["hfc"]["auc"] for name in SEVEN]
     assert report.two_sided_mean_auc(results, "hfc") == pytest.approx(sum(1 - a for a in hfc_aucs) / 7)
     assert report.two_sided_mean_auc(results, "base") == pytest.approx(results["mean_auc"]["base"])  # all > 0.5
